@@ -1,0 +1,232 @@
+"""Process groups: the ranks of a job that share queues, and their names.
+
+A :class:`MoodistProcessGroup` is built collectively (every rank calls the
+constructor) from any ``torch.distributed.Store``.  Through the store the
+ranks agree on the group's name and secret and learn each other's addresses;
+after that the store is used only for barriers when unnamed queues are made.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import json
+import os
+import secrets
+import socket
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from .node import Node
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from .queue import Queue
+
+__all__ = ["MoodistProcessGroup", "find_process_group", "TcpStore"]
+
+_groups: dict[str, MoodistProcessGroup] = {}
+_groups_lock = threading.Lock()
+_DEFAULT_STORE_TIMEOUT = datetime.timedelta(seconds=300)
+
+
+def find_process_group(name: str) -> MoodistProcessGroup | None:
+    """The live (not shut down) group called ``name`` on this rank, or None."""
+    with _groups_lock:
+        return _groups.get(name)
+
+
+def TcpStore(  # noqa: N802 - the original's spelling
+    hostname: str,
+    port: int,
+    key: str,
+    world_size: int,
+    rank: int,
+    timeout: float | datetime.timedelta = _DEFAULT_STORE_TIMEOUT,
+) -> dist.Store:
+    """The original moodist's store signature, backed by torch's TCPStore.
+
+    Rank 0 hosts the store on ``hostname:port``; every rank's keys live under
+    the prefix ``key``, so several jobs can share one server.
+    """
+    if not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    store = dist.TCPStore(
+        hostname, int(port), world_size, is_master=(rank == 0), timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(str(key), store)
+
+
+class MoodistProcessGroup:
+    """The ranks ``0 .. size-1`` of a job, connected for queues.
+
+    Collective: every rank constructs it with the same store, ``size`` and
+    ``name`` (or every rank with ``name=None``: one is agreed through the
+    store).  Thread safe.  ``shutdown()`` (or leaving a ``with`` block) stops
+    its I/O thread; pending operations then raise GroupShutdownError.
+    """
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        *,
+        name: str | None = None,
+        bind_host: str | None = None,
+        peer_timeout: float | None = None,
+    ) -> None:
+        if not isinstance(store, dist.Store):
+            raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
+            raise ValueError(f"rank must be an int in [0, {size}), got {rank!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError("name must be a non-empty str or None")
+        self._store = store
+        self._store_lock = threading.Lock()
+        self._rank = rank
+        self._size = size
+        self._queues: dict[str, weakref.ref[Queue]] = {}
+        self._queues_lock = threading.Lock()
+        self._unnamed_count = 0
+        self._shutdown = False
+
+        seq = store.add(f"moodist/seq/{rank}", 1)
+        self._prefix = f"moodist/pg{seq}"
+        host = bind_host or _default_bind_host(store)
+        offer = {"name": name, "secret": secrets.token_hex(16), "nonce": secrets.token_hex(8)}
+        first = json.loads(self._exchange("hello", json.dumps(offer), only_rank=0))
+        if first["name"] != name:
+            raise ValueError(
+                f"rank {rank} was given group name {name!r} but rank 0 {first['name']!r}; "
+                "every rank must pass the same name"
+            )
+        self._name = name if name is not None else f"group-{first['nonce']}"
+        secret = first["secret"].encode()
+
+        def make_transport(on_message: Callable[..., None], on_lost: Callable[..., None]):
+            return Transport(rank, size, secret, host, on_message, on_lost, peer_timeout)
+
+        self._node = Node(rank, size, make_transport)
+        with _groups_lock:
+            if self._name in _groups:
+                self._node.close()
+                raise ValueError(f"a process group named {self._name!r} already exists here")
+            _groups[self._name] = self
+        try:
+            addresses = self._exchange("addr", self._node.transport.address)
+            self._node.transport.start([a.decode() for a in addresses])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ the public API
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+    def moodist_name(self) -> str:
+        """The group's name, the same on every rank; ``Queue(name, ...)`` finds it."""
+        return self._name
+
+    def shutdown(self) -> None:
+        """Stop this rank's part of the group.  Blocked and later operations
+        raise GroupShutdownError.  Idempotent; never hangs."""
+        if self._shutdown:
+            return
+        self._shutdown = True
+        with _groups_lock:
+            if _groups.get(self._name) is self:
+                del _groups[self._name]
+        self._node.close()
+
+    def __enter__(self) -> MoodistProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"MoodistProcessGroup(name={self._name!r}, rank={self._rank}, size={self._size})"
+
+    # ------------------------------------------------------------------ for queues
+
+    @property
+    def node(self) -> Node:
+        return self._node
+
+    def barrier(self, tag: str, payload: str = "") -> list[bytes]:
+        """Wait until every rank has called ``barrier(tag)``; return each rank's payload."""
+        return self._exchange(tag, payload)
+
+    def register_queue(self, qid: str, make: Callable[[], Queue],
+                       check: Callable[[Queue], None]) -> Queue:
+        """The named queue registered under ``qid``, after ``check(existing)``;
+        else ``make()``, registered.  Held weakly: the items live on in the node."""
+        with self._queues_lock:
+            entry = self._queues.get(qid)
+            existing = entry() if entry is not None else None
+            if existing is not None:
+                check(existing)
+                return existing
+            queue = make()
+            self._queues[qid] = weakref.ref(queue)
+            return queue
+
+    def next_unnamed_id(self) -> str:
+        with self._queues_lock:
+            self._unnamed_count += 1
+            return f"u/{self._unnamed_count}"
+
+    def _exchange(self, tag: str, value: str, only_rank: int | None = None) -> Any:
+        """All ranks publish ``value`` under ``tag``; return every rank's (or one's)."""
+        keys = [f"{self._prefix}/{tag}/{r}" for r in range(self._size)]
+        with self._store_lock:
+            self._store.set(keys[self._rank], value)
+            if only_rank is not None:
+                return self._store.get(keys[only_rank])
+            self._store.wait(keys)
+            return self._store.multi_get(keys)
+
+
+def _default_bind_host(store: dist.Store) -> str:
+    """The address of the interface the job uses: MOODIST_BIND_HOST if set;
+    else, for a TCPStore, the local address that routes to its server; else
+    loopback."""
+    env = os.environ.get("MOODIST_BIND_HOST")
+    if env:
+        return env
+    base = store
+    while isinstance(base, dist.PrefixStore):
+        base = base.underlying_store
+    server = getattr(base, "host", None) if isinstance(base, dist.TCPStore) else None
+    if not server:
+        return "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(server, 1, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        if family == socket.AF_INET and addr[0].startswith("127."):
+            return "127.0.0.1"
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)  # no packet is sent; this only picks the route
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    with _groups_lock:
+        groups = list(_groups.values())
+    for group in groups:
+        group.shutdown()

@@ -1,0 +1,340 @@
+"""``moodist.Queue``: a distributed FIFO of tensors and Python objects.
+
+See SPEC-queue.md for the user's contract.  This module validates arguments,
+turns tensors and objects into items (:mod:`moodist.items`) and hands them to
+the group's :class:`~moodist.node.Node`; it never touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as _stdlib_queue
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from . import items as _items
+from .group import MoodistProcessGroup, find_process_group
+from .node import Future
+from .protocol import Item, ItemKind
+from .serialize import check_tensor
+
+Empty = _stdlib_queue.Empty
+
+__all__ = ["Queue", "QueueWork", "TransactionContextManager", "Empty"]
+
+log = logging.getLogger("moodist.queue")
+
+
+class QueueWork:
+    """Completion of one put, returned by ``put_tensor``/``put_object``.
+
+    ``wait()`` blocks until the item is stored at its host (every copy, for a
+    multicast queue) and raises if the put failed.  A ``put_tensor`` work waits
+    when it is destroyed (the tensor may be modified after that); a
+    ``put_object`` work does not (the object was already copied).
+    """
+
+    __slots__ = ("_future", "_wait_on_del", "__weakref__")
+
+    def __init__(self, future: Future, wait_on_del: bool) -> None:
+        self._future = future
+        self._wait_on_del = wait_on_del
+
+    def wait(self) -> None:
+        """Block until the put is stored at the host; raise its error if it failed."""
+        self._future.result()
+
+    def done(self) -> bool:
+        """True once the put is stored (or has failed); never blocks."""
+        return self._future.done()
+
+    def __del__(self) -> None:
+        if getattr(self, "_wait_on_del", False):
+            try:
+                self.wait()
+            except Exception as e:  # a destructor cannot raise: say it loudly instead
+                log.error("moodist: a put_tensor whose work was dropped failed: %s", e)
+
+
+class TransactionContextManager:
+    """Collects puts and makes them visible all at once when the ``with``
+    block exits normally; an exception cancels them (and propagates).
+
+    Tensors are not copied until commit (for a remote host, not at all): do
+    not modify them before the ``with`` block ends.  Not thread safe: use one
+    transaction from one thread.
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self._items: list[Item] = []
+        self._state = "new"
+
+    def __enter__(self) -> TransactionContextManager:
+        if self._state != "new":
+            raise RuntimeError("a transaction can be entered once")
+        self._state = "open"
+        return self
+
+    def put_tensor(self, tensor: torch.Tensor) -> None:
+        """Add ``tensor`` to the transaction."""
+        self._check_open()
+        self._items.append(self._queue._tensor_item(tensor))
+
+    def put_object(self, obj: Any) -> None:
+        """Add a snapshot of ``obj`` to the transaction."""
+        self._check_open()
+        self._items.append(_items.object_item(obj))
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError("this transaction is not open (use it inside its with block)")
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        items, self._items = self._items, []
+        if exc_type is not None:
+            self._state = "cancelled"
+            return
+        self._state = "committed"
+        if items:
+            self._queue._put(items).result()
+
+
+class Queue:
+    """A FIFO queue hosted on one rank (``location=int``) or copied to several
+    (``location=[...]``, multicast).  Thread safe.  See SPEC-queue.md.
+    """
+
+    _group: MoodistProcessGroup
+
+    def __new__(
+        cls,
+        process_group: MoodistProcessGroup | str,
+        location: int | Iterable[int],
+        streaming: bool = False,
+        name: str | None = None,
+    ) -> Queue:
+        group = _resolve_group(process_group)
+        locations = _parse_location(location, group.size())
+        if streaming:
+            raise NotImplementedError("streaming queues are not implemented; use streaming=False")
+        if name is None:
+            self = super().__new__(cls)
+            self._setup(group, locations, isinstance(location, int), None,
+                        group.next_unnamed_id())
+            # Collective: every rank must construct the same queue here.
+            specs = group.barrier(f"queue/{self._qid}", repr((self._locations, self._single)))
+            if len(set(specs)) != 1:
+                raise ValueError(
+                    f"ranks constructed unnamed queue #{self._qid} with different locations: "
+                    f"{[s.decode() for s in specs]}"
+                )
+            return self
+        if not isinstance(name, str) or not name:
+            raise ValueError("name must be a non-empty str or None")
+
+        def make() -> Queue:
+            queue = super(Queue, cls).__new__(cls)
+            queue._setup(group, locations, isinstance(location, int), name, f"n/{name}")
+            return queue
+
+        def check(existing: Queue) -> None:
+            if existing._locations != locations or existing._single != isinstance(location, int):
+                raise ValueError(
+                    f"a queue named {name!r} already exists in group {group.moodist_name()!r} "
+                    f"with location {existing.location!r}, not {location!r}"
+                )
+
+        return group.register_queue(f"n/{name}", make, check)
+
+    def __init__(
+        self,
+        process_group: MoodistProcessGroup | str,
+        location: int | Iterable[int],
+        streaming: bool = False,
+        name: str | None = None,
+    ) -> None:
+        pass  # all the work is in __new__, which may return an existing named queue
+
+    def _setup(self, group: MoodistProcessGroup, locations: tuple[int, ...], single: bool,
+               name: str | None, qid: str) -> None:
+        self._group = group
+        self._node = group.node
+        self._locations = locations
+        self._single = single
+        self._name = name
+        self._qid = qid
+        self._host = locations[0]  # for multicast: the sequencer
+        self._route = () if single else locations
+        rank = group.rank()
+        self._local = rank in locations
+        # Where this rank reads from: the host, or its own copy of a multicast queue.
+        self._read_from = self._host if single else rank
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def location(self) -> int | list[int]:
+        return self._locations[0] if self._single else list(self._locations)
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @property
+    def process_group(self) -> MoodistProcessGroup:
+        return self._group
+
+    def __repr__(self) -> str:
+        return (f"Queue(group={self._group.moodist_name()!r}, location={self.location!r}, "
+                f"name={self._name!r})")
+
+    # ------------------------------------------------------------------ puts
+
+    def put_tensor(self, tensor: torch.Tensor) -> QueueWork:
+        """Put ``tensor`` (CPU or CUDA, dense).  Returns a QueueWork that waits
+        when dropped; do not modify ``tensor`` until then.  A non-contiguous
+        tensor is sent as a contiguous copy; it arrives as a CPU tensor."""
+        item = self._tensor_item(tensor)
+        return QueueWork(self._put([item]), wait_on_del=True)
+
+    def put_object(self, object: Any) -> QueueWork:  # noqa: A002 - the spec's name
+        """Put a snapshot of ``object`` (pickled now).  Returns a QueueWork that
+        does not wait when dropped.  Raises what pickling raises; nothing is
+        sent then."""
+        return QueueWork(self._put([_items.object_item(object)]), wait_on_del=False)
+
+    def transaction(self) -> TransactionContextManager:
+        """Collect puts that become visible at once when the ``with`` block ends."""
+        return TransactionContextManager(self)
+
+    def _tensor_item(self, tensor: torch.Tensor) -> Item:
+        check_tensor(tensor)
+        # A local put completes at once, so the queue needs its own copy;
+        # a remote put is acknowledged only after the bytes have arrived.
+        return _items.tensor_item(tensor, snapshot=self._host == self._group.rank())
+
+    def _put(self, items: list[Item]) -> Future:
+        return self._node.put(self._qid, self._route, self._host, items)
+
+    # ------------------------------------------------------------------ gets
+
+    def get_tensor(self, block: bool = True, timeout: float | None = None,
+                   return_size: bool = False) -> Any:
+        """Take the next item, which must have been put with put_tensor.
+
+        Blocks as ``queue.Queue.get`` does; raises ``queue.Empty`` when nothing
+        came.  With ``return_size`` returns ``(tensor, n)``, ``n`` being the
+        queue's size just before this get took its item.  The tensor is a
+        new, writable CPU tensor.
+        """
+        return self._get(ItemKind.TENSOR, block, timeout, return_size)
+
+    def get_object(self, block: bool = True, timeout: float | None = None,
+                   return_size: bool = False) -> Any:
+        """Take the next item, which must have been put with put_object.
+        Same blocking rules as get_tensor."""
+        return self._get(ItemKind.OBJECT, block, timeout, return_size)
+
+    def _get(self, kind: ItemKind, block: bool, timeout: float | None, return_size: bool) -> Any:
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number or None, got {type(timeout).__name__}")
+            if timeout < 0:
+                raise ValueError("'timeout' must be a non-negative number")
+        if not self._single and not self._local:
+            raise RuntimeError(
+                f"rank {self._group.rank()} is not in this multicast queue's location "
+                f"{list(self._locations)}: only those ranks can get from it"
+            )
+        got = self._node.get(self._qid, self._read_from, kind, bool(block), timeout)
+        if got is None:
+            raise Empty
+        item, size = got
+        value = _items.to_tensor(item) if kind is ItemKind.TENSOR else _items.to_object(item)
+        return (value, size) if return_size else value
+
+    # ------------------------------------------------------------------ size
+
+    def qsize(self) -> int:
+        """Items in the queue now (asked of the host when it is another rank)."""
+        self._check_readable("qsize")
+        return self._node.qsize(self._qid, self._read_from)
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the queue holds an item: True, or False if ``timeout`` expired."""
+        self._check_readable("wait")
+        return self._node.wait(self._qid, self._read_from, timeout)
+
+    def _check_readable(self, what: str) -> None:
+        if not self._single and not self._local:
+            raise RuntimeError(
+                f"{what}() needs a copy of the queue, and rank {self._group.rank()} is not in "
+                f"its location {list(self._locations)}"
+            )
+
+    # ------------------------------------------------------------------ pickling
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._name is None:
+            raise TypeError(
+                "an unnamed moodist.Queue cannot be pickled or sent through a queue; "
+                "construct it with name=... to share a reference to it"
+            )
+        return (_rebuild_queue, (self._group.moodist_name(), self.location, self._name))
+
+
+def _rebuild_queue(group_name: str, location: int | list[int], name: str) -> Queue:
+    group = find_process_group(group_name)
+    if group is None:
+        raise ValueError(
+            f"cannot rebuild queue {name!r}: no process group named {group_name!r} on this rank"
+        )
+    return Queue(group, location, name=name)
+
+
+def _resolve_group(process_group: MoodistProcessGroup | str) -> MoodistProcessGroup:
+    if isinstance(process_group, MoodistProcessGroup):
+        return process_group
+    if isinstance(process_group, str):
+        group = find_process_group(process_group)
+        if group is None:
+            raise ValueError(f"no process group named {process_group!r} on this rank")
+        return group
+    raise TypeError(
+        f"process_group must be a MoodistProcessGroup or a group name, "
+        f"got {type(process_group).__name__}"
+    )
+
+
+def _parse_location(location: int | Iterable[int], size: int) -> tuple[int, ...]:
+    if isinstance(location, bool):
+        raise TypeError("location must be an int or a list of ints, not a bool")
+    if isinstance(location, int):
+        ranks: tuple[int, ...] = (location,)
+    else:
+        try:
+            ranks = tuple(location)
+        except TypeError:
+            raise TypeError(
+                f"location must be an int or an iterable of ints, got {type(location).__name__}"
+            ) from None
+        if not ranks:
+            raise ValueError("location must name at least one rank")
+        for r in ranks:
+            if isinstance(r, bool) or not isinstance(r, int):
+                raise TypeError(f"location ranks must be ints, got {r!r}")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"location lists a rank twice: {list(ranks)}")
+    for r in ranks:
+        if not 0 <= r < size:
+            raise ValueError(f"location rank {r} is outside the group (size {size})")
+    return ranks
+

@@ -1,0 +1,367 @@
+"""Messaging between the ranks of one group, on pyzmq.
+
+Each rank binds one ROUTER socket (inbound) and keeps one DEALER socket per
+peer it talks to (outbound, connected lazily).  All traffic from rank A to
+rank B travels on A's DEALER to B's ROUTER, so per-pair order is kept and
+replies need no routing.
+
+Threads:
+
+* One background I/O thread per transport polls the ROUTER, the ZAP
+  authentication socket, peer monitors and a wake-up socket, and runs timers.
+  It hands each inbound message to ``on_message(rank, frames)``, which must not
+  block.  When idle it sleeps in ``zmq.poll`` (no busy polling).
+* Any thread may call :meth:`Transport.send`; each DEALER has its own lock and
+  is never polled, so user threads never touch a socket the I/O thread polls.
+
+Authentication: connections are checked with ZMTP PLAIN through a ZAP handler
+run by the I/O thread: the peer's user name must be a rank of the group and
+its password the group's secret (agreed through the store).  A connection
+that fails is never attached, so strangers cannot deliver a single message.
+
+Liveness: zmq heartbeats close a silent connection; a peer whose connection
+is down for longer than ``peer_timeout`` seconds is declared lost and
+``on_peer_lost(rank, reason)`` is called once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import hmac
+import itertools
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+log = logging.getLogger("moodist.transport")
+
+_RANK_ID = struct.Struct("<I")
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_DRAIN_BATCH = 256
+_counter = itertools.count()
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class _Timer:
+    __slots__ = ("deadline", "seq", "fn", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.seq = next(_counter)
+        self.fn = fn
+        self.cancelled = False
+
+    def __lt__(self, other: _Timer) -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Peer:
+    __slots__ = ("rank", "socket", "lock", "monitor", "connected", "down_since", "lost")
+
+    def __init__(self, rank: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
+        self.rank = rank
+        self.socket = socket
+        self.monitor = monitor
+        self.lock = threading.Lock()
+        self.connected = False
+        self.down_since: float | None = time.monotonic()
+        self.lost = False
+
+
+class Transport:
+    """Authenticated, ordered messaging to the other ranks of a group.
+
+    ``on_message`` and ``on_peer_lost`` run on the I/O thread.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        secret: bytes,
+        bind_host: str,
+        on_message: Callable[[int, list[zmq.Frame]], None],
+        on_peer_lost: Callable[[int, str], None],
+        peer_timeout: float | None = None,
+    ) -> None:
+        self.rank = rank
+        self.size = size
+        self._secret = secret
+        self._on_message = on_message
+        self._on_peer_lost = on_peer_lost
+        self.peer_timeout = (
+            _env_float("MOODIST_PEER_TIMEOUT", 5.0) if peer_timeout is None else peer_timeout
+        )
+        self._ctx = zmq.Context(io_threads=1)
+        self._ctx.linger = 0
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.bind(_ZAP_ENDPOINT)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.plain_server = True
+        self._router.rcvhwm = 0
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        port = self._router.bind_to_random_port(f"tcp://{_bracket(bind_host)}")
+        self.address = f"tcp://{_bracket(bind_host)}:{port}"
+        wake_addr = f"inproc://moodist-wake-{id(self)}"
+        self._wake_rx = self._ctx.socket(zmq.PULL)
+        self._wake_rx.bind(wake_addr)
+        self._wake_tx = self._ctx.socket(zmq.PUSH)
+        self._wake_tx.connect(wake_addr)
+        self._wake_lock = threading.Lock()
+        self._addresses: list[str] = []
+        self._peers: dict[int, _Peer] = {}
+        self._peers_lock = threading.Lock()
+        self._new_monitors: list[_Peer] = []
+        self._timers: list[_Timer] = []
+        self._timers_lock = threading.Lock()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, addresses: Sequence[str]) -> None:
+        """Learn every rank's address (index = rank) and start the I/O thread."""
+        if len(addresses) != self.size:
+            raise ValueError("need one address per rank")
+        self._addresses = list(addresses)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the I/O thread and close every socket.  Idempotent; never hangs."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        self._ctx.destroy(linger=0)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, rank: int, frames: Sequence[Any]) -> None:
+        """Queue ``frames`` for ``rank``.  Thread safe; never blocks.
+
+        Frames at or above zmq's copy threshold are sent without a copy: zmq
+        holds a reference to the buffer until the bytes are on the wire.
+        Silently does nothing after close or once ``rank`` is lost (pending
+        operations are failed through ``on_peer_lost``).
+        """
+        peer = self._peers.get(rank) or self._connect(rank)
+        if peer is None or peer.lost:
+            return
+        with peer.lock:
+            if self._closing:
+                return
+            peer.socket.send_multipart(frames, copy=False)
+
+    def ensure_connected(self, rank: int) -> None:
+        """Connect to ``rank`` now (so its liveness is watched)."""
+        if rank not in self._peers:
+            self._connect(rank)
+
+    def _connect(self, rank: int) -> _Peer | None:
+        if not 0 <= rank < self.size:
+            raise ValueError(f"rank {rank} is not in this group of size {self.size}")
+        with self._peers_lock:
+            peer = self._peers.get(rank)
+            if peer is not None or self._closing:
+                return peer
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.routing_id = _RANK_ID.pack(self.rank)
+            sock.plain_username = str(self.rank).encode()
+            sock.plain_password = self._secret
+            sock.sndhwm = 0
+            sock.heartbeat_ivl = 1000
+            sock.heartbeat_timeout = max(1000, int(self.peer_timeout * 500))
+            sock.reconnect_ivl = 100
+            sock.reconnect_ivl_max = 1000
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            )
+            sock.connect(self._addresses[rank])
+            peer = _Peer(rank, sock, monitor)
+            self._new_monitors.append(peer)
+            self._peers[rank] = peer
+        self._wake()
+        self._schedule_liveness_check(peer)
+        return peer
+
+    # ------------------------------------------------------------------ timers
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
+        """Run ``fn`` on the I/O thread after ``delay`` seconds; ``.cancel()`` it."""
+        timer = _Timer(time.monotonic() + max(0.0, delay), fn)
+        with self._timers_lock:
+            heapq.heappush(self._timers, timer)
+            first = self._timers[0] is timer
+        if first and threading.current_thread() is not self._thread:
+            self._wake()
+        return timer
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._zap, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        monitors: dict[zmq.Socket, _Peer] = {}
+        try:
+            while not self._closing:
+                with self._peers_lock:
+                    for peer in self._new_monitors:
+                        poller.register(peer.monitor, zmq.POLLIN)
+                        monitors[peer.monitor] = peer
+                    self._new_monitors.clear()
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                if self._closing:
+                    break
+                if self._wake_rx in events:
+                    self._drain(self._wake_rx, lambda _frames: None)
+                if self._zap in events:
+                    self._drain(self._zap, self._answer_zap)
+                for sock in [s for s in events if s in monitors]:
+                    peer = monitors[sock]
+                    self._drain(sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
+                if self._router in events:
+                    self._drain(self._router, self._dispatch)
+                self._run_timers()
+        except zmq.ContextTerminated:
+            pass
+        except Exception:  # pragma: no cover - a bug; keep the process alive
+            log.exception("moodist I/O thread crashed")
+
+    def _poll_timeout_ms(self) -> int:
+        with self._timers_lock:
+            while self._timers and self._timers[0].cancelled:
+                heapq.heappop(self._timers)
+            if not self._timers:
+                return -1
+            delay = self._timers[0].deadline - time.monotonic()
+        return max(0, int(delay * 1000) + 1)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._timers_lock:
+                if not self._timers or self._timers[0].deadline > now:
+                    return
+                timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                try:
+                    timer.fn()
+                except Exception:
+                    log.exception("moodist timer failed")
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None]) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        routing_id, body = frames[0], frames[1:]
+        try:
+            (rank,) = _RANK_ID.unpack(routing_id.bytes)
+            user = routing_id.get("User-Id")
+        except (struct.error, zmq.ZMQError):
+            log.warning("moodist: dropped a message with a malformed routing id")
+            return
+        if user != str(rank) or not 0 <= rank < self.size:
+            log.warning("moodist: dropped a message whose routing id does not match its user")
+            return
+        try:
+            self._on_message(rank, body)
+        except Exception as e:
+            log.warning("moodist: dropped a message from rank %d: %s", rank, e)
+            log.debug("details", exc_info=True)
+
+    def _answer_zap(self, frames: list[zmq.Frame]) -> None:
+        parts = [f.bytes for f in frames]
+        if len(parts) < 6:
+            return
+        version, request_id, _domain, address, _identity, mechanism = parts[:6]
+        credentials = parts[6:]
+        ok = False
+        user = b""
+        if mechanism == b"PLAIN" and len(credentials) == 2:
+            user, password = credentials
+            ok = (
+                user.isdigit()
+                and 0 <= int(user) < self.size
+                and hmac.compare_digest(password, self._secret)
+            )
+        if not ok:
+            log.warning("moodist: refused a connection from %s (not a member of this group)",
+                        address.decode(errors="replace"))
+        self._zap.send_multipart([
+            version, request_id, b"200" if ok else b"400",
+            b"OK" if ok else b"not a member of this group", user if ok else b"", b"",
+        ])
+
+    def _on_monitor_event(self, peer: _Peer, frames: list[zmq.Frame]) -> None:
+        event = parse_monitor_message([f.bytes for f in frames])["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            peer.connected = True
+            peer.down_since = None
+        elif event == zmq.EVENT_DISCONNECTED:
+            if peer.connected:
+                peer.connected = False
+                peer.down_since = time.monotonic()
+                self._schedule_liveness_check(peer)
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            self._lose(peer, "it refused our credentials (is it in another group?)")
+
+    def _schedule_liveness_check(self, peer: _Peer) -> None:
+        since = peer.down_since
+
+        def check() -> None:
+            if not peer.connected and peer.down_since == since and not peer.lost:
+                self._lose(peer, f"no connection for {self.peer_timeout / 2:g} s")
+
+        self.call_later(self.peer_timeout / 2, check)
+
+    def _lose(self, peer: _Peer, reason: str) -> None:
+        if peer.lost or self._closing:
+            return
+        peer.lost = True
+        log.warning("moodist: rank %d lost: %s", peer.rank, reason)
+        self._on_peer_lost(peer.rank, reason)
+
+    def is_lost(self, rank: int) -> bool:
+        peer = self._peers.get(rank)
+        return peer is not None and peer.lost
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
