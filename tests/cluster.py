@@ -151,7 +151,7 @@ class Cluster:
         self._workers = [(p, c) for p, c in self._workers if p.is_alive()]
 
     def close(self) -> None:
-        for proc, conn in self._workers:
+        for _proc, conn in self._workers:
             try:
                 conn.send(None)
             except Exception:
