@@ -15,9 +15,8 @@ import os
 import secrets
 import socket
 import threading
-import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -93,7 +92,7 @@ class MoodistProcessGroup:
         self._store_lock = threading.Lock()
         self._rank = rank
         self._size = size
-        self._queues: dict[str, weakref.ref[Queue]] = {}
+        self._queues: dict[str, Queue] = {}
         self._queues_lock = threading.Lock()
         self._unnamed_count = 0
         self._shutdown = False
@@ -102,17 +101,21 @@ class MoodistProcessGroup:
         self._prefix = f"moodist/pg{seq}"
         host = bind_host or _default_bind_host(store)
         offer = {"name": name, "secret": secrets.token_hex(16), "nonce": secrets.token_hex(8)}
-        first = json.loads(self._exchange("hello", json.dumps(offer), only_rank=0))
-        if first["name"] != name:
+        offers = [json.loads(o) for o in self._exchange("hello", json.dumps(offer))]
+        names = [o["name"] for o in offers]
+        if len(set(names)) != 1:
             raise ValueError(
-                f"rank {rank} was given group name {name!r} but rank 0 {first['name']!r}; "
+                f"ranks gave different group names {names} (by rank); "
                 "every rank must pass the same name"
             )
+        first = offers[0]
         self._name = name if name is not None else f"group-{first['nonce']}"
         secret = first["secret"].encode()
 
-        def make_transport(on_message: Callable[..., None], on_lost: Callable[..., None]):
-            return Transport(rank, size, secret, host, on_message, on_lost, peer_timeout)
+        def make_transport(on_message: Callable[..., None], on_lost: Callable[..., None],
+                           on_batch_end: Callable[[], None]) -> Transport:
+            return Transport(rank, size, secret, host, on_message, on_lost, peer_timeout,
+                             on_batch_end)
 
         self._node = Node(rank, size, make_transport)
         with _groups_lock:
@@ -172,15 +175,14 @@ class MoodistProcessGroup:
     def register_queue(self, qid: str, make: Callable[[], Queue],
                        check: Callable[[Queue], None]) -> Queue:
         """The named queue registered under ``qid``, after ``check(existing)``;
-        else ``make()``, registered.  Held weakly: the items live on in the node."""
+        else ``make()``, registered for the life of the group (its items live
+        on in the node, so its parameters must too)."""
         with self._queues_lock:
-            entry = self._queues.get(qid)
-            existing = entry() if entry is not None else None
+            existing = self._queues.get(qid)
             if existing is not None:
                 check(existing)
                 return existing
-            queue = make()
-            self._queues[qid] = weakref.ref(queue)
+            queue = self._queues[qid] = make()
             return queue
 
     def next_unnamed_id(self) -> str:
@@ -188,13 +190,11 @@ class MoodistProcessGroup:
             self._unnamed_count += 1
             return f"u/{self._unnamed_count}"
 
-    def _exchange(self, tag: str, value: str, only_rank: int | None = None) -> Any:
-        """All ranks publish ``value`` under ``tag``; return every rank's (or one's)."""
+    def _exchange(self, tag: str, value: str) -> list[bytes]:
+        """All ranks publish ``value`` under ``tag``; return every rank's, by rank."""
         keys = [f"{self._prefix}/{tag}/{r}" for r in range(self._size)]
         with self._store_lock:
             self._store.set(keys[self._rank], value)
-            if only_rank is not None:
-                return self._store.get(keys[only_rank])
             self._store.wait(keys)
             return self._store.multi_get(keys)
 

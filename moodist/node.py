@@ -17,6 +17,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -147,7 +149,12 @@ class Node:
         self._abandoned: dict[int, tuple[int, str]] = {}
         self._pending_lock = threading.Lock()
         self._remote_getters: dict[tuple[int, int], _RemoteGetter] = {}
+        # Putter side: single-location puts awaiting ACK_UPTO, per host, in id order.
+        self._unacked: dict[int, deque[tuple[int, Future]]] = {}
+        # Host side (I/O thread only): the highest stored put id per putter, to ACK_UPTO.
+        self._acks_due: dict[int, int] = {}
         self._sequence_lock = threading.Lock()
+        self._deliveries: set[Future] = set()  # puts and copies not yet acknowledged
         self._closed: BaseException | None = None
         self._handlers: dict[Kind, Callable[[int, Message], None]] = {
             Kind.PUT: self._on_put,
@@ -160,7 +167,9 @@ class Node:
         }
         for kind in (Kind.ACK, Kind.ERROR, Kind.ITEM, Kind.EMPTY, Kind.SIZE, Kind.PONG):
             self._handlers[kind] = self._on_reply
-        self.transport = transport_factory(self._on_message, self._on_peer_lost)
+        self._handlers[Kind.ACK_UPTO] = self._on_ack_upto
+        self.transport = transport_factory(self._on_message, self._on_peer_lost,
+                                           self._flush_acks)
 
     # ================================================================== operations
 
@@ -183,11 +192,23 @@ class Node:
         """
         self._check_open()
         if host != self.rank:
-            return self._request(host, lambda rid: protocol.encode_put(rid, qid, route, items))
-        if not route:
+            if route:
+                fut = self._request(host, lambda rid: protocol.encode_put(rid, qid, route, items))
+            else:
+                fut = self._send_put(host, qid, items)
+        elif not route:
             self.storage(qid).put(items)
             return Future.completed()
-        return self._sequence(qid, route, items)
+        else:
+            fut = self._sequence(qid, route, items)
+        return self._track_delivery(fut)
+
+    def _track_delivery(self, fut: Future) -> Future:
+        """Remember ``fut`` until done, so that close() lets it finish first."""
+        if not fut.done():
+            self._deliveries.add(fut)
+            fut.add_done_callback(self._deliveries.discard)
+        return fut
 
     def get(self, qid: str, host: int, kind: ItemKind, block: bool, timeout: float | None
             ) -> tuple[Item, int] | None:
@@ -219,10 +240,18 @@ class Node:
         rid, fut = self._start(host, lambda r: protocol.encode_qsize(r, qid, True, timeout))
         return protocol.decode_size(self._await(fut, rid, host, None, timeout)) > 0
 
-    def close(self, error: BaseException | None = None) -> None:
-        """Fail everything pending, wake every waiter, stop the transport."""
+    def close(self, error: BaseException | None = None, flush: float = 5.0) -> None:
+        """Give puts and multicast copies in flight up to ``flush`` seconds to be
+        acknowledged, then fail everything pending, wake every waiter and stop
+        the transport (which sends what is queued, e.g. acknowledgements)."""
         if self._closed is not None:
             return
+        deadline = time.monotonic() + flush
+        for fut in list(self._deliveries):
+            try:
+                fut.result(max(0.0, deadline - time.monotonic()))
+            except BaseException:  # its owner sees the error
+                pass
         self._closed = error or GroupShutdownError("the process group was shut down")
         with self._storages_lock:
             storages = list(self._storages.values())
@@ -252,6 +281,25 @@ class Node:
 
     def _request(self, peer: int, build: Callable[[int], list[Any]]) -> Future:
         return self._start(peer, build)[1]
+
+    def _send_put(self, host: int, qid: str, items: list[Item]) -> Future:
+        """A single-location put, acknowledged by ACK_UPTO: its id is taken
+        under the send lock so ids reach the host in increasing order."""
+        fut = Future(host)
+        unacked = self._unacked.get(host)
+        if unacked is None:
+            unacked = self._unacked.setdefault(host, deque())
+
+        def build() -> list[Any]:
+            rid = next(self._ids)
+            with self._pending_lock:
+                self._pending[rid] = fut
+                unacked.append((rid, fut))
+            return protocol.encode_put(rid, qid, (), items)
+
+        if not self.transport.send_ordered(host, build):
+            fut.set_error(self._closed or PeerLostError(host, "it was lost earlier"))
+        return fut
 
     def _complete(self, rid: int, value: Any = None, error: BaseException | None = None) -> bool:
         with self._pending_lock:
@@ -337,14 +385,16 @@ class Node:
                 done.set_result()
 
         with self._sequence_lock:
-            self.storage(qid).put(items)
+            # Copies leave before the local getters can see the items, so a
+            # sequencer that takes its item and shuts down still sends them.
             futures = [
                 self._request(r, lambda rid: protocol.encode_fanout(rid, qid, items))
                 for r in copies
             ]
+            self.storage(qid).put(items)
         for fut in futures:
             fut.add_done_callback(on_copy)
-        return done
+        return self._track_delivery(done)
 
     # ================================================================== inbound
 
@@ -367,7 +417,7 @@ class Node:
         qid, route, items = protocol.decode_put(msg)
         if not route:
             self.storage(qid).put(items)
-            self._ack(rank, msg.req_id)
+            self._acks_due[rank] = msg.req_id
             return
         if route[0] != self.rank or len(set(route)) != len(route):
             raise protocol.ProtocolError("multicast put sent to a rank that does not sequence it")
@@ -429,6 +479,26 @@ class Node:
         if timeout is not None:
             self.transport.call_later(timeout, lambda: withdraw() and answer(0))
 
+    def _flush_acks(self) -> None:
+        """After each batch of inbound messages: one ACK_UPTO per putter."""
+        if self._acks_due:
+            due, self._acks_due = self._acks_due, {}
+            for rank, rid in due.items():
+                self.transport.send(rank, protocol.encode_simple(Kind.ACK_UPTO, rid))
+
+    def _on_ack_upto(self, rank: int, msg: Message) -> None:
+        unacked = self._unacked.get(rank)
+        if not unacked:
+            return
+        stored = []
+        with self._pending_lock:
+            while unacked and unacked[0][0] <= msg.req_id:
+                rid, fut = unacked.popleft()
+                if self._pending.pop(rid, None) is not None:
+                    stored.append(fut)
+        for fut in stored:
+            fut.set_result()
+
     def _on_ping(self, rank: int, msg: Message) -> None:
         self.transport.send(rank, protocol.encode_simple(Kind.PONG, msg.req_id))
 
@@ -455,6 +525,8 @@ class Node:
     def _on_peer_lost(self, rank: int, reason: str) -> None:
         error = PeerLostError(rank, reason)
         self._fail_pending(lambda fut: fut.peer == rank, lambda fut: error)
+        with self._pending_lock:
+            self._unacked.pop(rank, None)
         for key, getter in list(self._remote_getters.items()):
             if key[0] == rank and getter.storage.cancel(getter):
                 getter._retire()

@@ -5,25 +5,32 @@ A message is a list of zmq frames.  Frame 0 is a fixed 12-byte header::
     magic b"MQ" | version u8 | kind u8 | request id u64
 
 Every request carries a request id, unique per sender; its reply (ACK, ERROR,
-ITEM, EMPTY, SIZE) carries the same id.  The remaining frames depend on the kind:
+ITEM, EMPTY, SIZE) carries the same id.  Single-location PUTs are acknowledged
+cumulatively: ``ACK_UPTO n`` says every such PUT from the receiver to the
+sender of the ACK_UPTO with an id <= n is stored (ids are assigned in send
+order per peer, and each pair of ranks keeps order), so a stream of puts costs
+one acknowledgement per batch the host reads, not one per put.
 
-=========  ==========================================  ================  ============
+The remaining frames depend on the kind:
+
+=========  ==========================================  ================  ======================
 kind       frames after the header                      sent by           reply
-=========  ==========================================  ================  ============
-PUT        qid, route, manifest, item frames...         putter -> host    ACK | ERROR
+=========  ==========================================  ================  ======================
+PUT        qid, route, manifest, item frames...         putter -> host    ACK_UPTO | ACK | ERROR
 FANOUT     qid, manifest, item frames...                sequencer -> copy ACK | ERROR
 GET        qid, get params                              getter -> host    ITEM | EMPTY | ERROR
 CANCEL     (none; the id is the GET's)                  getter -> host    (the GET's)
 RETURN     qid, manifest, item frames...                getter -> host    none
 QSIZE      qid, wait params                             any -> host       SIZE | ERROR
 ACK        (none)
+ACK_UPTO   (none; the id is the highest stored)        host -> putter
 ERROR      error code u8 + utf-8 message
 ITEM       queue size u64, manifest, item frames...
 EMPTY      (none)
 SIZE       queue size u64
 PING       (none)                                       liveness probe    PONG
 PONG       (none)
-=========  ==========================================  ================  ============
+=========  ==========================================  ================  ======================
 
 ``qid`` is the queue's key (utf-8).  ``route`` lists the ranks a multicast put
 fans out to (empty for a single-location queue).  ``manifest`` says how the
@@ -72,6 +79,7 @@ class Kind(enum.IntEnum):
     ITEM = 18
     EMPTY = 19
     SIZE = 20
+    ACK_UPTO = 21
     PING = 32
     PONG = 33
 
@@ -256,7 +264,7 @@ def decode_get(msg: Message) -> tuple[str, ItemKind, float | None]:
         raise ProtocolError("bad item kind in GET") from None
     if timeout != timeout:  # NaN
         raise ProtocolError("bad timeout in GET")
-    return _qid(msg.frames[0]), kind, None if timeout < 0 else timeout
+    return _qid(msg.frames[0]), kind, _timeout(timeout)
 
 
 def encode_qsize(req_id: int, qid: str, wait: bool, timeout: float | None) -> list[Any]:
@@ -272,11 +280,15 @@ def decode_qsize(msg: Message) -> tuple[str, bool, float | None]:
     wait, timeout = _WAIT_PARAMS.unpack(raw)
     if timeout != timeout:
         raise ProtocolError("bad timeout in QSIZE")
-    return _qid(msg.frames[0]), bool(wait), None if timeout < 0 else timeout
+    return _qid(msg.frames[0]), bool(wait), _timeout(timeout)
+
+
+def _timeout(wire: float) -> float | None:
+    return None if wire < 0 or wire == float("inf") else wire
 
 
 def encode_simple(kind: Kind, req_id: int) -> list[Any]:
-    """CANCEL, ACK, EMPTY, PING, PONG: the header alone."""
+    """CANCEL, ACK, ACK_UPTO, EMPTY, PING, PONG: the header alone."""
     return [header(kind, req_id)]
 
 

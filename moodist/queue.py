@@ -8,6 +8,7 @@ the group's :class:`~moodist.node.Node`; it never touches a socket.
 from __future__ import annotations
 
 import logging
+import math
 import queue as _stdlib_queue
 from collections.abc import Iterable
 from types import TracebackType
@@ -241,11 +242,7 @@ class Queue:
         return self._get(ItemKind.OBJECT, block, timeout, return_size)
 
     def _get(self, kind: ItemKind, block: bool, timeout: float | None, return_size: bool) -> Any:
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError(f"timeout must be a number or None, got {type(timeout).__name__}")
-            if timeout < 0:
-                raise ValueError("'timeout' must be a non-negative number")
+        timeout = _check_timeout(timeout)
         if not self._single and not self._local:
             raise RuntimeError(
                 f"rank {self._group.rank()} is not in this multicast queue's location "
@@ -270,6 +267,7 @@ class Queue:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the queue holds an item: True, or False if ``timeout`` expired."""
+        timeout = _check_timeout(timeout)
         self._check_readable("wait")
         return self._node.wait(self._qid, self._read_from, timeout)
 
@@ -289,6 +287,17 @@ class Queue:
                 "construct it with name=... to share a reference to it"
             )
         return (_rebuild_queue, (self._group.moodist_name(), self.location, self._name))
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    """A timeout in seconds: None or a non-negative number (inf means None)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number or None, got {type(timeout).__name__}")
+    if not timeout >= 0:  # also refuses NaN
+        raise ValueError(f"'timeout' must be a non-negative number, got {timeout!r}")
+    return None if math.isinf(timeout) else float(timeout)
 
 
 def _rebuild_queue(group_name: str, location: int | list[int], name: str) -> Queue:

@@ -10,7 +10,8 @@ Threads:
 * One background I/O thread per transport polls the ROUTER, the ZAP
   authentication socket, peer monitors and a wake-up socket, and runs timers.
   It hands each inbound message to ``on_message(rank, frames)``, which must not
-  block.  When idle it sleeps in ``zmq.poll`` (no busy polling).
+  block, and calls ``on_batch_end()`` after each batch of inbound messages.
+  When idle it sleeps in ``zmq.poll`` (no busy polling).
 * Any thread may call :meth:`Transport.send`; each DEALER has its own lock and
   is never polled, so user threads never touch a socket the I/O thread polls.
 
@@ -18,6 +19,11 @@ Authentication: connections are checked with ZMTP PLAIN through a ZAP handler
 run by the I/O thread: the peer's user name must be a rank of the group and
 its password the group's secret (agreed through the store).  A connection
 that fails is never attached, so strangers cannot deliver a single message.
+
+Framing: callers send and receive lists of buffers ("frames").  Small ones
+(under ``INLINE_MAX`` bytes) are packed into one zmq frame behind a table of
+lengths, large ones travel as zmq frames of their own, without a copy.  A
+typical message is thus one zmq frame: libzmq's cost is per zmq frame.
 
 Liveness: zmq heartbeats close a silent connection; a peer whose connection
 is down for longer than ``peer_timeout`` seconds is declared lost and
@@ -43,6 +49,10 @@ from zmq.utils.monitor import parse_monitor_message
 log = logging.getLogger("moodist.transport")
 
 _RANK_ID = struct.Struct("<I")
+_COUNT = struct.Struct("<I")
+INLINE_MAX = 8192
+_INLINE = 1 << 63
+_MAX_FRAMES = 1 << 20
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _DRAIN_BATCH = 256
 _counter = itertools.count()
@@ -99,12 +109,14 @@ class Transport:
         on_message: Callable[[int, list[zmq.Frame]], None],
         on_peer_lost: Callable[[int, str], None],
         peer_timeout: float | None = None,
+        on_batch_end: Callable[[], None] | None = None,
     ) -> None:
         self.rank = rank
         self.size = size
         self._secret = secret
         self._on_message = on_message
         self._on_peer_lost = on_peer_lost
+        self._on_batch_end = on_batch_end or (lambda: None)
         self.peer_timeout = (
             _env_float("MOODIST_PEER_TIMEOUT", 5.0) if peer_timeout is None else peer_timeout
         )
@@ -130,7 +142,8 @@ class Transport:
         self._new_monitors: list[_Peer] = []
         self._timers: list[_Timer] = []
         self._timers_lock = threading.Lock()
-        self._closing = False
+        self._closing = False  # the I/O thread is asked to stop
+        self._closed = False  # sockets are being closed: nothing more is sent
         self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,15 +155,23 @@ class Transport:
         self._addresses = list(addresses)
         self._thread.start()
 
-    def close(self) -> None:
-        """Stop the I/O thread and close every socket.  Idempotent; never hangs."""
+    def close(self, linger: float = 2.0) -> None:
+        """Stop the I/O thread, then close every socket, giving messages
+        already queued (acknowledgements, copies) up to ``linger`` seconds to
+        leave.  Idempotent; bounded."""
         if self._closing:
             return
         self._closing = True
         self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
-        self._ctx.destroy(linger=0)
+        with self._peers_lock:
+            peers = list(self._peers.values())
+            self._closed = True
+        for peer in peers:
+            with peer.lock:  # no send is half done after this
+                pass
+        self._ctx.destroy(linger=int(linger * 1000))
 
     @property
     def closed(self) -> bool:
@@ -169,10 +190,24 @@ class Transport:
         peer = self._peers.get(rank) or self._connect(rank)
         if peer is None or peer.lost:
             return
+        packed = pack_frames(frames)
         with peer.lock:
-            if self._closing:
+            if self._closed:
                 return
-            peer.socket.send_multipart(frames, copy=False)
+            peer.socket.send_multipart(packed, copy=False)
+
+    def send_ordered(self, rank: int, build: Callable[[], Sequence[Any]]) -> bool:
+        """Like :meth:`send`, but ``build()`` makes the frames under the peer's
+        send lock, so whatever it numbers goes on the wire in that order.
+        Returns False (without calling ``build``) if nothing can be sent."""
+        peer = self._peers.get(rank) or self._connect(rank)
+        if peer is None or peer.lost:
+            return False
+        with peer.lock:
+            if self._closed:
+                return False
+            peer.socket.send_multipart(pack_frames(build()), copy=False)
+        return True
 
     def ensure_connected(self, rank: int) -> None:
         """Connect to ``rank`` now (so its liveness is watched)."""
@@ -184,7 +219,7 @@ class Transport:
             raise ValueError(f"rank {rank} is not in this group of size {self.size}")
         with self._peers_lock:
             peer = self._peers.get(rank)
-            if peer is not None or self._closing:
+            if peer is not None or self._closed:
                 return peer
             sock = self._ctx.socket(zmq.DEALER)
             sock.routing_id = _RANK_ID.pack(self.rank)
@@ -253,6 +288,7 @@ class Transport:
                     self._drain(sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
                 if self._router in events:
                     self._drain(self._router, self._dispatch)
+                    self._on_batch_end()
                 self._run_timers()
         except zmq.ContextTerminated:
             pass
@@ -266,7 +302,7 @@ class Transport:
             if not self._timers:
                 return -1
             delay = self._timers[0].deadline - time.monotonic()
-        return max(0, int(delay * 1000) + 1)
+        return max(0, int(min(delay, 3600.0) * 1000) + 1)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -301,7 +337,7 @@ class Transport:
             log.warning("moodist: dropped a message whose routing id does not match its user")
             return
         try:
-            self._on_message(rank, body)
+            self._on_message(rank, unpack_frames(body))
         except Exception as e:
             log.warning("moodist: dropped a message from rank %d: %s", rank, e)
             log.debug("details", exc_info=True)
@@ -361,6 +397,56 @@ class Transport:
     def is_lost(self, rank: int) -> bool:
         peer = self._peers.get(rank)
         return peer is not None and peer.lost
+
+
+def pack_frames(frames: Sequence[Any]) -> list[Any]:
+    """Frames (buffers) -> zmq frames: ``[table + inline frames, *large frames]``."""
+    lengths = []
+    inline: list[Any] = []
+    large: list[Any] = []
+    for frame in frames:
+        frame = getattr(frame, "buffer", frame)  # a zmq.Frame being forwarded
+        n = frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+        if n < INLINE_MAX:
+            lengths.append(n | _INLINE)
+            inline.append(frame)
+        else:
+            lengths.append(n)
+            large.append(frame)
+    table = _COUNT.pack(len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths)
+    return [b"".join([table, *inline]), *large]
+
+
+def unpack_frames(zframes: Sequence[zmq.Frame]) -> list[Any]:
+    """Inverse of :func:`pack_frames`.  Inline frames are memoryviews into the
+    received zmq frame (no copy); large ones are the zmq.Frames themselves.
+    Raises ValueError if the table does not match what arrived."""
+    if not zframes:
+        raise ValueError("empty message")
+    head = memoryview(zframes[0].buffer)
+    if head.nbytes < _COUNT.size:
+        raise ValueError("message shorter than its frame table")
+    (count,) = _COUNT.unpack_from(head)
+    pos = _COUNT.size + 8 * count
+    if count > _MAX_FRAMES or pos > head.nbytes:
+        raise ValueError("frame table larger than the message")
+    frames: list[Any] = []
+    large = iter(zframes[1:])
+    for n in struct.unpack_from(f"<{count}Q", head, _COUNT.size):
+        if n & _INLINE:
+            n &= ~_INLINE
+            if pos + n > head.nbytes:
+                raise ValueError("inline frame runs past the message")
+            frames.append(head[pos : pos + n])
+            pos += n
+        else:
+            frame = next(large, None)
+            if frame is None or len(frame) != n:
+                raise ValueError("large frame missing or of the wrong size")
+            frames.append(frame)
+    if pos != head.nbytes or next(large, None) is not None:
+        raise ValueError("bytes left over after the last frame")
+    return frames
 
 
 def _bracket(host: str) -> str:
