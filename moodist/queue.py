@@ -8,8 +8,8 @@ the group's :class:`~moodist.node.Node`; it never touches a socket.
 from __future__ import annotations
 
 import logging
-import math
 import queue as _stdlib_queue
+import threading
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -290,14 +290,15 @@ class Queue:
 
 
 def _check_timeout(timeout: float | None) -> float | None:
-    """A timeout in seconds: None or a non-negative number (inf means None)."""
+    """A timeout in seconds: None or a non-negative number (inf, or huge, means None)."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number or None, got {type(timeout).__name__}")
     if not timeout >= 0:  # also refuses NaN
         raise ValueError(f"'timeout' must be a non-negative number, got {timeout!r}")
-    return None if math.isinf(timeout) else float(timeout)
+    # Beyond what threading can wait for, "wait forever" is what was meant.
+    return None if timeout >= threading.TIMEOUT_MAX else float(timeout)
 
 
 def _rebuild_queue(group_name: str, location: int | list[int], name: str) -> Queue:

@@ -104,7 +104,11 @@ def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def decode_tensor_meta(meta: bytes | memoryview) -> tuple[torch.dtype, tuple[int, ...], bool]:
+    if len(meta) < _TENSOR_META.size:
+        raise ValueError("malformed tensor header")
     code, flags, ndim = _TENSOR_META.unpack_from(meta)
+    if len(meta) != _TENSOR_META.size + 8 * ndim:
+        raise ValueError("malformed tensor header")
     dtype = _DTYPE_OF_CODE.get(code)
     if dtype is None:
         raise ValueError(f"unknown dtype code {code}")
