@@ -697,6 +697,7 @@ def _huge_finite_timeouts(ctx):
         out, _ = call.join(10)
         outcomes["local get_object(timeout=1e300)"] = repr(out)
         outcomes["left at the host after the local get"] = q.qsize()
+        q.put_object("for wait").wait()
         out, _ = _bounded(lambda: q.wait(timeout=1e300), 10)  # the queue is not empty
         outcomes["local wait(timeout=1e300)"] = repr(out)
         _drain_objects(q)
