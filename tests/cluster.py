@@ -13,6 +13,7 @@ the next run), so a hang fails one test instead of the whole suite.
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import multiprocessing as mp
 import os
@@ -161,3 +162,17 @@ class Cluster:
             if proc.is_alive():
                 proc.kill()
         self._workers = []
+
+
+def ends_together(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a rank function so every rank waits for the others before
+    returning (no host shuts its group down while another rank still talks
+    to it)."""
+
+    @functools.wraps(fn)
+    def rank_fn(ctx: RankContext, *args: Any, **kwargs: Any) -> Any:
+        result = fn(ctx, *args, **kwargs)
+        ctx.barrier("rank-function-end")
+        return result
+
+    return rank_fn

@@ -9,7 +9,6 @@ are not bad input: they are sent as a contiguous copy; see test_tensors.py.)
 
 from __future__ import annotations
 
-import functools
 import math
 import pickle
 import threading
@@ -17,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from cluster import ends_together as _ends_together
 
 import moodist
 from moodist import Empty, ItemKindError
@@ -25,17 +25,6 @@ TIMEOUT = 30.0
 _PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 
 
-def _ends_together(fn):
-    """Every rank waits for the others before returning (so that no host
-    shuts its group down while another rank still talks to it)."""
-
-    @functools.wraps(fn)
-    def rank_fn(ctx, *args, **kwargs):
-        result = fn(ctx, *args, **kwargs)
-        ctx.barrier("rank-function-end")
-        return result
-
-    return rank_fn
 
 
 def _error(fn):

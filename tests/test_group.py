@@ -11,7 +11,6 @@ is a context manager; an idle group and a blocked get use ~0% CPU.
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ import uuid
 import pytest
 import torch
 import torch.distributed as dist
+from cluster import ends_together as _ends_together
 
 import moodist
 from moodist import Empty
@@ -30,17 +30,6 @@ from moodist import Empty
 TIMEOUT = 30.0
 
 
-def _ends_together(fn):
-    """Every rank waits for the others before returning (so that no host
-    shuts its group down while another rank still talks to it)."""
-
-    @functools.wraps(fn)
-    def rank_fn(ctx, *args, **kwargs):
-        result = fn(ctx, *args, **kwargs)
-        ctx.barrier("rank-function-end")
-        return result
-
-    return rank_fn
 
 
 def _free_port() -> int:

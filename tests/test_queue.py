@@ -14,7 +14,6 @@ hypothesis properties of ordering and no loss.
 
 from __future__ import annotations
 
-import functools
 import gc
 import pickle
 import queue as stdlib_queue
@@ -25,6 +24,7 @@ from collections import deque
 
 import pytest
 import torch
+from cluster import ends_together as _ends_together
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,18 +34,6 @@ from moodist import Empty, ItemKindError, Queue
 # ---------------------------------------------------------------------------- helpers
 
 
-def _ends_together(fn):
-    """Decorate a rank function: every rank waits for the others before it
-    returns (and the harness shuts its group down), so that no host goes
-    away while another rank still talks to it."""
-
-    @functools.wraps(fn)
-    def rank_fn(ctx, *args, **kwargs):
-        result = fn(ctx, *args, **kwargs)
-        ctx.barrier("rank-function-end")
-        return result
-
-    return rank_fn
 
 
 def _in_thread(fn, *args):

@@ -9,12 +9,12 @@ see and return small summaries that the tests assert exactly.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import zlib
 
 import torch
+from cluster import ends_together as _ends_together
 
 import moodist
 
@@ -23,17 +23,6 @@ TIMEOUT = 30.0
 # ---------------------------------------------------------------------------- helpers
 
 
-def _ends_together(fn):
-    """Every rank waits for the others before returning (so that no host
-    shuts its group down while another rank still talks to it)."""
-
-    @functools.wraps(fn)
-    def rank_fn(ctx, *args, **kwargs):
-        result = fn(ctx, *args, **kwargs)
-        ctx.barrier("rank-function-end")
-        return result
-
-    return rank_fn
 
 
 def all_dtypes() -> list[torch.dtype]:
