@@ -110,9 +110,12 @@ def _mismatched_names(ctx, port, names):
     try:
         g = moodist.MoodistProcessGroup(store, ctx.rank, ctx.size, name=names[ctx.rank])
     except Exception as e:
-        return type(e).__name__, str(e), time.monotonic() - t0
-    g.shutdown()
-    return "ok", g.moodist_name(), time.monotonic() - t0
+        result = type(e).__name__, str(e), time.monotonic() - t0
+    else:
+        g.shutdown()
+        result = "ok", g.moodist_name(), time.monotonic() - t0
+    ctx.barrier("tried")  # rank 0 hosts ``store``: keep it up until every rank is done
+    return result
 
 
 def _run_mismatch(cluster, names):
