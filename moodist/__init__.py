@@ -8,7 +8,7 @@ Public API (see SPEC-queue.md)::
     tensor = queue.get_tensor(timeout=5)   # on any rank
 """
 
-from queue import Empty
+from queue import Empty, Full
 
 from .errors import GroupShutdownError, ItemKindError, PeerLostError, RemoteError
 from .group import MoodistProcessGroup, TcpStore, find_process_group
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Empty",
+    "Full",
     "GroupShutdownError",
     "ItemKindError",
     "MoodistProcessGroup",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue as _stdlib_queue
 import threading
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from typing import Any
 from . import protocol
 from .errors import GroupShutdownError, ItemKindError, PeerLostError, RemoteError
 from .protocol import ErrorCode, Item, ItemKind, Kind, Message
-from .storage import Getter, Storage
+from .storage import Getter, Putter, Storage
 from .transport import Transport
 
 log = logging.getLogger("moodist.node")
@@ -94,6 +95,8 @@ def _error_from(code: ErrorCode, message: str, rank: int) -> BaseException:
         return ItemKindError(message)
     if code is ErrorCode.PEER_LOST:
         return PeerLostError(_lost_rank(message, rank), message)
+    if code is ErrorCode.FULL:
+        return _stdlib_queue.Full(message)
     if code is ErrorCode.SHUTDOWN:
         return GroupShutdownError(f"rank {rank}: {message}")
     return RemoteError(f"rank {rank} refused the request: {message}")
@@ -115,9 +118,14 @@ class _RemoteGetter(Getter):
         self.timer: Any = None
 
     def _retire(self) -> None:
-        self.node._remote_getters.pop((self.rank, self.req_id), None)
+        self.node._remote_waiters.pop((self.rank, self.req_id), None)
         if self.timer is not None:
             self.timer.cancel()
+
+    def drop(self) -> None:
+        """Out of line without an answer (the requester is gone)."""
+        if self.storage.cancel(self):
+            self._retire()
 
     def deliver(self, item: Item, size: int) -> None:
         self._retire()
@@ -136,6 +144,38 @@ class _RemoteGetter(Getter):
             self.node.transport.send(self.rank, protocol.encode_simple(Kind.EMPTY, self.req_id))
 
 
+class _RemotePutter(Putter):
+    """A bounded put from another rank, waiting for room in a storage."""
+
+    __slots__ = ("node", "rank", "req_id", "storage", "timer")
+
+    def __init__(self, node: Node, rank: int, req_id: int, items: list[Item], maxsize: int,
+                 storage: Storage):
+        super().__init__(items, maxsize)
+        self.node, self.rank, self.req_id, self.storage = node, rank, req_id, storage
+        self.timer: Any = None
+
+    def _retire(self) -> None:
+        self.node._remote_waiters.pop((self.rank, self.req_id), None)
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def admit(self) -> None:
+        self._retire()
+        self.node._ack(self.rank, self.req_id)
+
+    def withdraw(self) -> None:
+        """Out of line, not stored (timeout, cancel): answer FULL."""
+        if self.storage.cancel_putter(self):
+            self._retire()
+            self.node._reply_error(self.rank, self.req_id, ErrorCode.FULL,
+                                   f"queue full ({self.maxsize} items)")
+
+    def drop(self) -> None:
+        if self.storage.cancel_putter(self):
+            self._retire()
+
+
 class Node:
     """Hosts this rank's queues and talks to the other ranks.  Thread safe."""
 
@@ -148,7 +188,8 @@ class Node:
         self._pending: dict[int, Future] = {}
         self._abandoned: dict[int, tuple[int, str]] = {}
         self._pending_lock = threading.Lock()
-        self._remote_getters: dict[tuple[int, int], _RemoteGetter] = {}
+        # Remote gets and bounded puts waiting at this host, by (rank, request id).
+        self._remote_waiters: dict[tuple[int, int], _RemoteGetter | _RemotePutter] = {}
         # Putter side: single-location puts awaiting ACK_UPTO, per host, in id order.
         self._unacked: dict[int, deque[tuple[int, Future]]] = {}
         # Host side (I/O thread only): the highest stored put id per putter, to ACK_UPTO.
@@ -158,6 +199,7 @@ class Node:
         self._closed: BaseException | None = None
         self._handlers: dict[Kind, Callable[[int, Message], None]] = {
             Kind.PUT: self._on_put,
+            Kind.PUT_BOUNDED: self._on_put_bounded,
             Kind.FANOUT: self._on_fanout,
             Kind.GET: self._on_get,
             Kind.CANCEL: self._on_cancel,
@@ -209,6 +251,22 @@ class Node:
             self._deliveries.add(fut)
             fut.add_done_callback(self._deliveries.discard)
         return fut
+
+    def put_bounded(self, qid: str, host: int, items: list[Item], maxsize: int,
+                    timeout: float | None) -> bool:
+        """Store ``items`` at ``host`` once its queue holds fewer than ``maxsize``
+        (see Storage.put_bounded); blocks until stored (True) or ``timeout``
+        expired (False; nothing was stored)."""
+        self._check_open()
+        if host == self.rank:
+            return self.storage(qid).put_bounded(items, maxsize, timeout)
+        rid, fut = self._start(
+            host, lambda r: protocol.encode_put_bounded(r, qid, maxsize, timeout, items))
+        try:
+            self._await(fut, rid, host, None, timeout)
+        except _stdlib_queue.Full:
+            return False
+        return True
 
     def get(self, qid: str, host: int, kind: ItemKind, block: bool, timeout: float | None
             ) -> tuple[Item, int] | None:
@@ -436,6 +494,17 @@ class Node:
 
         self._sequence(qid, route, items).add_done_callback(reply)
 
+    def _on_put_bounded(self, rank: int, msg: Message) -> None:
+        qid, maxsize, timeout, items = protocol.decode_put_bounded(msg)
+        storage = self.storage(qid)
+        putter = _RemotePutter(self, rank, msg.req_id, items, maxsize, storage)
+        self._remote_waiters[(rank, msg.req_id)] = putter
+        if not storage.add_putter(putter, block=timeout != 0):
+            putter._retire()
+            self._reply_error(rank, msg.req_id, ErrorCode.FULL, f"queue full ({maxsize} items)")
+        elif timeout is not None and (rank, msg.req_id) in self._remote_waiters:
+            putter.timer = self.transport.call_later(timeout, putter.withdraw)
+
     def _on_fanout(self, rank: int, msg: Message) -> None:
         qid, items = protocol.decode_qid_items(msg)
         self.storage(qid).put(items)
@@ -449,18 +518,18 @@ class Node:
         qid, kind, timeout = protocol.decode_get(msg)
         storage = self.storage(qid)
         getter = _RemoteGetter(self, rank, msg.req_id, kind, storage)
-        self._remote_getters[(rank, msg.req_id)] = getter
+        self._remote_waiters[(rank, msg.req_id)] = getter
         block = timeout is None or timeout > 0
         if not storage.add_getter(getter, block):
             getter._retire()
             self.transport.send(rank, protocol.encode_simple(Kind.EMPTY, msg.req_id))
-        elif timeout is not None and (rank, msg.req_id) in self._remote_getters:
+        elif timeout is not None and (rank, msg.req_id) in self._remote_waiters:
             getter.timer = self.transport.call_later(timeout, getter.withdraw)
 
     def _on_cancel(self, rank: int, msg: Message) -> None:
-        getter = self._remote_getters.get((rank, msg.req_id))
-        if getter is not None:
-            getter.withdraw()
+        waiter = self._remote_waiters.get((rank, msg.req_id))
+        if waiter is not None:
+            waiter.withdraw()
 
     def _on_qsize(self, rank: int, msg: Message) -> None:
         qid, wait, timeout = protocol.decode_qsize(msg)
@@ -527,6 +596,6 @@ class Node:
         self._fail_pending(lambda fut: fut.peer == rank, lambda fut: error)
         with self._pending_lock:
             self._unacked.pop(rank, None)
-        for key, getter in list(self._remote_getters.items()):
-            if key[0] == rank and getter.storage.cancel(getter):
-                getter._retire()
+        for key, waiter in list(self._remote_waiters.items()):
+            if key[0] == rank:
+                waiter.drop()

@@ -13,30 +13,34 @@ one acknowledgement per batch the host reads, not one per put.
 
 The remaining frames depend on the kind:
 
-=========  ==========================================  ================  ======================
-kind       frames after the header                      sent by           reply
-=========  ==========================================  ================  ======================
-PUT        qid, route, manifest, item frames...         putter -> host    ACK_UPTO | ACK | ERROR
-FANOUT     qid, manifest, item frames...                sequencer -> copy ACK | ERROR
-GET        qid, get params                              getter -> host    ITEM | EMPTY | ERROR
-CANCEL     (none; the id is the GET's)                  getter -> host    (the GET's)
-RETURN     qid, manifest, item frames...                getter -> host    none
-QSIZE      qid, wait params                             any -> host       SIZE | ERROR
-ACK        (none)
-ACK_UPTO   (none; the id is the highest stored)        host -> putter
-ERROR      error code u8 + utf-8 message
-ITEM       queue size u64, manifest, item frames...
-EMPTY      (none)
-SIZE       queue size u64
-PING       (none)                                       liveness probe    PONG
-PONG       (none)
-=========  ==========================================  ================  ======================
+===========  ===========================================  =================  ======================
+kind         frames after the header                      sent by            reply
+===========  ===========================================  =================  ======================
+PUT          qid, route, manifest, item frames...         putter -> host     ACK_UPTO | ACK | ERROR
+PUT_BOUNDED  qid, bound params, manifest, item frames...  putter -> host     ACK | ERROR
+FANOUT       qid, manifest, item frames...                sequencer -> copy  ACK | ERROR
+GET          qid, get params                              getter -> host     ITEM | EMPTY | ERROR
+CANCEL       (none; the id is the request's)              requester -> host  (the request's)
+RETURN       qid, manifest, item frames...                getter -> host     none
+QSIZE        qid, wait params                             any -> host        SIZE | ERROR
+ACK          (none)
+ACK_UPTO     (none; the id is the highest stored)         host -> putter
+ERROR        error code u8 + utf-8 message
+ITEM         queue size u64, manifest, item frames...
+EMPTY        (none)
+SIZE         queue size u64
+PING         (none)                                       liveness probe     PONG
+PONG         (none)
+===========  ===========================================  =================  ======================
 
 ``qid`` is the queue's key (utf-8).  ``route`` lists the ranks a multicast put
-fans out to (empty for a single-location queue).  ``manifest`` says how the
-following frames split into items: a count, then per item its kind and frame
-count.  An item is a :class:`Item`: a tensor is ``[tensor header, data]``, an
-object is ``[pickle, *out-of-band buffers]``.
+fans out to (empty for a single-location queue).  A PUT_BOUNDED (a put to a
+queue with a ``maxsize``) is held at the host, without being stored, until the
+queue has room or its timeout expires; it is answered ACK once stored, or
+ERROR FULL.  ``manifest`` says how the following frames split into items: a
+count, then per item its kind and frame count.  An item is a :class:`Item`: a
+tensor is ``[tensor header, data]``, an object is ``[pickle, *out-of-band
+buffers]``.
 
 Decoders raise :class:`ProtocolError` on anything malformed; the transport
 drops such messages with a log line.
@@ -56,6 +60,7 @@ HEADER = struct.Struct("<2sBBQ")
 _U64 = struct.Struct("<Q")
 _GET_PARAMS = struct.Struct("<Bd")  # wanted item kind, timeout (s; <0 forever, 0 poll)
 _WAIT_PARAMS = struct.Struct("<Bd")  # wait for an item?, timeout (s)
+_BOUND_PARAMS = struct.Struct("<Qd")  # maxsize (>= 1), timeout (s; <0 forever, 0 poll)
 _MANIFEST_HEAD = struct.Struct("<I")
 _MANIFEST_ENTRY = struct.Struct("<BI")
 _ROUTE_ENTRY = struct.Struct("<I")
@@ -74,6 +79,7 @@ class Kind(enum.IntEnum):
     CANCEL = 4
     RETURN = 5
     QSIZE = 6
+    PUT_BOUNDED = 7
     ACK = 16
     ERROR = 17
     ITEM = 18
@@ -97,6 +103,7 @@ class ErrorCode(enum.IntEnum):
     SHUTDOWN = 3
     PEER_LOST = 4
     QUEUE_MISMATCH = 5
+    FULL = 6
 
 
 @dataclass(slots=True)
@@ -231,6 +238,24 @@ def decode_put(msg: Message) -> tuple[str, list[int], list[Item]]:
         raise ProtocolError("bad route")
     route = [r for (r,) in _ROUTE_ENTRY.iter_unpack(route_raw)]
     return _qid(msg.frames[0]), route, decode_items(msg.frames[2:])
+
+
+def encode_put_bounded(req_id: int, qid: str, maxsize: int, timeout: float | None,
+                       items: Sequence[Item]) -> list[Any]:
+    t = -1.0 if timeout is None else max(0.0, timeout)
+    return [header(Kind.PUT_BOUNDED, req_id), qid.encode(), _BOUND_PARAMS.pack(maxsize, t),
+            *encode_items(items)]
+
+
+def decode_put_bounded(msg: Message) -> tuple[str, int, float | None, list[Item]]:
+    _expect(msg, 3)
+    raw = _bytes(msg.frames[1])
+    if len(raw) != _BOUND_PARAMS.size:
+        raise ProtocolError("bad PUT_BOUNDED parameters")
+    maxsize, timeout = _BOUND_PARAMS.unpack(raw)
+    if maxsize < 1 or timeout != timeout:
+        raise ProtocolError("bad maxsize or timeout in PUT_BOUNDED")
+    return _qid(msg.frames[0]), maxsize, _timeout(timeout), decode_items(msg.frames[2:])
 
 
 def encode_fanout(req_id: int, qid: str, items: Sequence[Item]) -> list[Any]:

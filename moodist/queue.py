@@ -23,8 +23,9 @@ from .protocol import Item, ItemKind
 from .serialize import check_tensor
 
 Empty = _stdlib_queue.Empty
+Full = _stdlib_queue.Full
 
-__all__ = ["Queue", "QueueWork", "TransactionContextManager", "Empty"]
+__all__ = ["Queue", "QueueWork", "TransactionContextManager", "Empty", "Full"]
 
 log = logging.getLogger("moodist.queue")
 
@@ -46,7 +47,11 @@ class QueueWork:
 
     def wait(self) -> None:
         """Block until the put is stored at the host; raise its error if it failed."""
-        self._future.result()
+        try:
+            self._future.result()
+        except BaseException:
+            self._wait_on_del = False  # the caller has seen the error
+            raise
 
     def done(self) -> bool:
         """True once the put is stored (or has failed); never blocks."""
@@ -102,7 +107,7 @@ class TransactionContextManager:
             return
         self._state = "committed"
         if items:
-            self._queue._put(items).result()
+            self._queue._put(items, True, None).result()
 
 
 class Queue:
@@ -118,20 +123,30 @@ class Queue:
         location: int | Iterable[int],
         streaming: bool = False,
         name: str | None = None,
+        maxsize: int = 0,
     ) -> Queue:
         group = _resolve_group(process_group)
         locations = _parse_location(location, group.size())
         if streaming:
             raise NotImplementedError("streaming queues are not implemented; use streaming=False")
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise TypeError(f"maxsize must be an int (0 = unbounded), got {maxsize!r}")
+        if maxsize < 0:
+            raise ValueError(f"maxsize must be >= 0 (0 = unbounded), got {maxsize}")
+        if maxsize and not isinstance(location, int):
+            raise ValueError("maxsize is supported for single-location queues only, "
+                             "not for multicast (location=[...])")
         if name is None:
             self = super().__new__(cls)
             self._setup(group, locations, isinstance(location, int), None,
-                        group.next_unnamed_id())
+                        group.next_unnamed_id(), maxsize)
             # Collective: every rank must construct the same queue here.
-            specs = group.barrier(f"queue/{self._qid}", repr((self._locations, self._single)))
+            specs = group.barrier(f"queue/{self._qid}",
+                                  repr((self._locations, self._single, self._maxsize)))
             if len(set(specs)) != 1:
                 raise ValueError(
-                    f"ranks constructed unnamed queue #{self._qid} with different locations: "
+                    f"ranks constructed unnamed queue #{self._qid} with different "
+                f"(locations, single, maxsize): "
                     f"{[s.decode() for s in specs]}"
                 )
             return self
@@ -140,14 +155,17 @@ class Queue:
 
         def make() -> Queue:
             queue = super(Queue, cls).__new__(cls)
-            queue._setup(group, locations, isinstance(location, int), name, f"n/{name}")
+            queue._setup(group, locations, isinstance(location, int), name, f"n/{name}",
+                         maxsize)
             return queue
 
         def check(existing: Queue) -> None:
-            if existing._locations != locations or existing._single != isinstance(location, int):
+            if (existing._locations != locations or existing._single != isinstance(location, int)
+                    or existing._maxsize != maxsize):
                 raise ValueError(
                     f"a queue named {name!r} already exists in group {group.moodist_name()!r} "
-                    f"with location {existing.location!r}, not {location!r}"
+                    f"with location {existing.location!r} and maxsize {existing._maxsize}, "
+                    f"not {location!r} and {maxsize}"
                 )
 
         return group.register_queue(f"n/{name}", make, check)
@@ -158,12 +176,14 @@ class Queue:
         location: int | Iterable[int],
         streaming: bool = False,
         name: str | None = None,
+        maxsize: int = 0,
     ) -> None:
         pass  # all the work is in __new__, which may return an existing named queue
 
     def _setup(self, group: MoodistProcessGroup, locations: tuple[int, ...], single: bool,
-               name: str | None, qid: str) -> None:
+               name: str | None, qid: str, maxsize: int) -> None:
         self._group = group
+        self._maxsize = maxsize
         self._node = group.node
         self._locations = locations
         self._single = single
@@ -187,27 +207,43 @@ class Queue:
         return self._name
 
     @property
+    def maxsize(self) -> int:
+        """The most items the host holds before puts wait (0: unbounded)."""
+        return self._maxsize
+
+    @property
     def process_group(self) -> MoodistProcessGroup:
         return self._group
 
     def __repr__(self) -> str:
+        bound = f", maxsize={self._maxsize}" if self._maxsize else ""
         return (f"Queue(group={self._group.moodist_name()!r}, location={self.location!r}, "
-                f"name={self._name!r})")
+                f"name={self._name!r}{bound})")
 
     # ------------------------------------------------------------------ puts
 
-    def put_tensor(self, tensor: torch.Tensor) -> QueueWork:
+    def put_tensor(self, tensor: torch.Tensor, block: bool = True,
+                   timeout: float | None = None) -> QueueWork:
         """Put ``tensor`` (CPU or CUDA, dense).  Returns a QueueWork that waits
         when dropped; do not modify ``tensor`` until then.  A non-contiguous
-        tensor is sent as a contiguous copy; it arrives as a CPU tensor."""
-        item = self._tensor_item(tensor)
-        return QueueWork(self._put([item]), wait_on_del=True)
+        tensor is sent as a contiguous copy; it arrives as a CPU tensor.
 
-    def put_object(self, object: Any) -> QueueWork:  # noqa: A002 - the spec's name
+        On a queue with a ``maxsize``, blocks until the host has room, as
+        ``queue.Queue.put`` does (``block``, ``timeout``), and raises
+        ``queue.Full`` if none came; the returned work is then already done.
+        """
+        timeout = _check_timeout(timeout)
+        item = self._tensor_item(tensor)
+        return QueueWork(self._put([item], block, timeout), wait_on_del=True)
+
+    def put_object(self, object: Any, block: bool = True,  # noqa: A002 - the spec's name
+                   timeout: float | None = None) -> QueueWork:
         """Put a snapshot of ``object`` (pickled now).  Returns a QueueWork that
         does not wait when dropped.  Raises what pickling raises; nothing is
-        sent then."""
-        return QueueWork(self._put([_items.object_item(object)]), wait_on_del=False)
+        sent then.  ``block``/``timeout``: as for put_tensor."""
+        timeout = _check_timeout(timeout)
+        return QueueWork(self._put([_items.object_item(object)], block, timeout),
+                         wait_on_del=False)
 
     def transaction(self) -> TransactionContextManager:
         """Collect puts that become visible at once when the ``with`` block ends."""
@@ -219,8 +255,14 @@ class Queue:
         # a remote put is acknowledged only after the bytes have arrived.
         return _items.tensor_item(tensor, snapshot=self._host == self._group.rank())
 
-    def _put(self, items: list[Item]) -> Future:
-        return self._node.put(self._qid, self._route, self._host, items)
+    def _put(self, items: list[Item], block: bool, timeout: float | None) -> Future:
+        if not self._maxsize:
+            return self._node.put(self._qid, self._route, self._host, items)
+        stored = self._node.put_bounded(self._qid, self._host, items, self._maxsize,
+                                        timeout if block else 0.0)
+        if not stored:
+            raise Full(f"queue full ({self._maxsize} items at rank {self._host})")
+        return Future.completed()
 
     # ------------------------------------------------------------------ gets
 

@@ -1,11 +1,15 @@
-"""Per-queue storage at the hosting rank: items, the getters waiting in line.
+"""Per-queue storage at the hosting rank: items, and the getters and bounded
+putters waiting in line.
 
 One :class:`Storage` per queue per hosting rank.  Its whole state is guarded
 by one condition variable, as in CPython's ``queue.Queue``.  Local and remote
 getters wait in one FIFO line and are served in arrival order; a getter is
 handed its item under the lock, so an item is given to exactly one getter.
+Puts to a queue with a ``maxsize`` that finds it full wait in a second FIFO
+line and are stored, whole, as soon as room frees.
 
-Invariant after every public method: ``items`` is empty or ``getters`` is.
+Invariants after every public method: ``items`` is empty or ``getters`` is;
+the head putter (if any) does not fit.
 """
 
 from __future__ import annotations
@@ -35,6 +39,38 @@ class Getter:
         raise NotImplementedError
 
 
+class Putter:
+    """A put to a bounded queue waiting for room.  ``admit`` runs under the
+    storage lock once its items are stored and must not block."""
+
+    __slots__ = ("items", "maxsize")
+
+    def __init__(self, items: list[Item], maxsize: int) -> None:
+        self.items = items
+        self.maxsize = maxsize
+
+    def admit(self) -> None:
+        raise NotImplementedError
+
+    def fail(self, error: BaseException) -> None:
+        """The storage closed while this put waited."""
+
+
+class _LocalPutter(Putter):
+    __slots__ = ("admitted", "error")
+
+    def __init__(self, items: list[Item], maxsize: int) -> None:
+        super().__init__(items, maxsize)
+        self.admitted = False
+        self.error: BaseException | None = None
+
+    def admit(self) -> None:
+        self.admitted = True
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+
+
 class _LocalGetter(Getter):
     __slots__ = ("result", "error")
 
@@ -57,6 +93,7 @@ class Storage:
         self.qid = qid
         self._items: deque[Item] = deque()
         self._getters: deque[Getter] = deque()
+        self._putters: deque[Putter] = deque()
         self._watchers: list[Callable[[int], None]] = []
         self._cond = threading.Condition(threading.Lock())
         self._closed: BaseException | None = None
@@ -76,6 +113,56 @@ class Storage:
                 self._items.extend(items)
             self._serve()
 
+    def put_bounded(self, items: list[Item], maxsize: int, timeout: float | None = None
+                    ) -> bool:
+        """Store ``items`` (atomically, in order) once the queue has room for
+        them under ``maxsize``; True when stored, False if ``timeout`` (0 =
+        do not wait) expired first.  A batch larger than ``maxsize`` goes in
+        when the queue is empty.  Bounded puts are served in arrival order."""
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            putter = _LocalPutter(items, maxsize)
+            if self._admit_now(putter):
+                return True
+            if timeout == 0:
+                return False
+            self._putters.append(putter)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not putter.admitted and putter.error is None:
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._putters.remove(putter)
+                        self._serve()  # the next putter may fit where this one did not
+                        return False
+                    self._cond.wait(remaining)
+            if putter.error is not None:
+                raise putter.error
+            return True
+
+    def add_putter(self, putter: Putter, block: bool) -> bool:
+        """Store ``putter``'s items now if they fit (calling ``admit``);
+        otherwise queue it when ``block``.  False if neither happened."""
+        with self._cond:
+            if self._admit_now(putter):
+                return True
+            if block:
+                self._putters.append(putter)
+            return block
+
+    def cancel_putter(self, putter: Putter) -> bool:
+        """Take ``putter`` out of line; False if it was already admitted."""
+        with self._cond:
+            try:
+                self._putters.remove(putter)
+            except ValueError:
+                return False
+            self._serve()
+            return True
+
     # ------------------------------------------------------------------ gets
 
     def get(self, kind: ItemKind, block: bool = True, timeout: float | None = None
@@ -91,7 +178,9 @@ class Storage:
             if self._closed is not None:
                 raise self._closed
             if self._items:  # the invariant says no getter is ahead of us
-                return self._take(kind)
+                taken = self._take(kind)
+                self._serve()  # room for a waiting putter
+                return taken
             if not block:
                 return None
             getter = _LocalGetter(kind)
@@ -121,6 +210,7 @@ class Storage:
                     getter.fail(e)
                 else:
                     getter.deliver(item, size)
+                    self._serve()
                 return True
             if not block:
                 return False
@@ -152,13 +242,17 @@ class Storage:
 
     def close(self, error: BaseException) -> None:
         """Wake every local getter and waiter with ``error``; later gets raise it.
-        Remote getters are dropped (their ranks learn of it from the transport)."""
+        Remote getters and putters are dropped (their ranks learn of it from the
+        transport)."""
         with self._cond:
             self._closed = error
             for getter in self._getters:
                 if isinstance(getter, _LocalGetter):
                     getter.fail(error)
             self._getters.clear()
+            for putter in self._putters:
+                putter.fail(error)
+            self._putters.clear()
             self._watchers.clear()
             self._cond.notify_all()
 
@@ -192,22 +286,46 @@ class Storage:
         self._items.popleft()
         return head, size
 
+    def _fits(self, putter: Putter) -> bool:
+        return not self._items or len(self._items) + len(putter.items) <= putter.maxsize
+
+    def _admit_now(self, putter: Putter) -> bool:
+        """Store ``putter``'s items if no putter is ahead and they fit."""
+        if self._putters or not self._fits(putter):
+            return False
+        self._items.extend(putter.items)
+        putter.admit()
+        self._serve()
+        return True
+
     def _serve(self) -> None:
-        served = False
-        while self._items and self._getters:
-            getter = self._getters.popleft()
-            served = True
-            try:
-                item, size = self._take(getter.kind)
-            except ItemKindError as e:
-                getter.fail(e)
-                continue
-            getter.deliver(item, size)
+        """Hand items to waiting getters and room to waiting putters, in line
+        order, until neither can go on; then wake whoever waits on the lock."""
+        changed = False
+        while True:
+            progressed = False
+            while self._putters and self._fits(self._putters[0]):
+                putter = self._putters.popleft()
+                self._items.extend(putter.items)
+                putter.admit()
+                progressed = True
+            while self._items and self._getters:
+                getter = self._getters.popleft()
+                progressed = True
+                try:
+                    item, size = self._take(getter.kind)
+                except ItemKindError as e:
+                    getter.fail(e)
+                    continue
+                getter.deliver(item, size)
+            if not progressed:
+                break
+            changed = True
         if self._items and self._watchers:
             watchers, self._watchers = self._watchers, []
             for callback in watchers:
                 callback(len(self._items))
-        if served or self._items:
+        if changed or self._items:
             self._cond.notify_all()
 
 

@@ -191,11 +191,13 @@ def _peer_loss(ctx, token):
     live0 = Queue(g, location=0, name="live0")
     mc = Queue(g, location=[0, 2], name="mc")  # rank 0 sequences, rank 2 holds a copy
     mc_seq = Queue(g, location=[2, 0], name="mc-seq")  # rank 2 sequences
+    dead_bounded = Queue(g, location=2, name="dead-bounded", maxsize=1)
 
     # Every rank talks to every other first, so each watches the others' liveness.
     if rank != 2:
         dead.put_object(f"warm{rank}").wait()
     if rank == 2:
+        dead_bounded.put_object("fills it")
         for i in range(3):  # items the victim stored at a living rank
             live.put_object(("victim", i)).wait()
         live0.put_object(("victim", 0)).wait()
@@ -208,8 +210,8 @@ def _peer_loss(ctx, token):
         assert sorted(dead.get_object(timeout=10) for _ in range(2)) == ["warm0", "warm1"]
         ctx.publish("victim-pid", str(os.getpid()))
         ctx.barrier("drained")
-        # Die once both remote gets are waiting in line here.
-        _poll(lambda: len(g.node._remote_getters) == 2, TIMEOUT, "both remote gets")
+        # Die once both remote gets and rank 0's bounded put wait in line here.
+        _poll(lambda: len(g.node._remote_waiters) == 3, TIMEOUT, "gets and a put to wait")
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable")
 
@@ -217,6 +219,7 @@ def _peer_loss(ctx, token):
     pid = int(ctx.fetch("victim-pid"))
     if rank == 0:
         blocked = _Call(lambda: dead.get_object())  # no timeout
+        blocked_put = _Call(lambda: dead_bounded.put_object("waits for room"))
     else:
         blocked = _Call(lambda: dead.get_object(timeout=TIMEOUT))
     _poll(lambda: _process_dead(pid), TIMEOUT, "rank 2 to die")
@@ -229,6 +232,9 @@ def _peer_loss(ctx, token):
         out, t_end = _Call(work.wait).join(DETECT + 10)
         _assert_lost(out, 2, "put_tensor().wait() to the dead host")
         result["put_tensor_wait_s"] = t_end - t_dead
+        out, t_end = blocked_put.join(DETECT + 10)
+        _assert_lost(out, 2, "bounded put waiting for room at the dead host")
+        result["blocked_bounded_put_s"] = t_end - t_dead
 
     out, t_end = blocked.join(DETECT + 10)
     _assert_lost(out, 2, "get blocked at the dead host")
@@ -251,6 +257,7 @@ def _peer_loss(ctx, token):
             "qsize()": dead.qsize,
             "wait(timeout)": lambda: dead.wait(timeout=10),
             "transaction": txn,
+            "bounded put": lambda: dead_bounded.put_object("late", timeout=10),
             "multicast put, copy dead": lambda: mc.put_object("mc-after").wait(),
             "multicast put, sequencer dead": lambda: mc_seq.put_object("x").wait(),
         }
@@ -287,6 +294,7 @@ def test_killed_host_fails_every_operation_that_needs_it_and_nothing_else(cluste
     print("peer loss timings (s after the death):", out)
     assert out[0]["blocked_get_s"] < DETECT
     assert out[0]["put_tensor_wait_s"] < DETECT
+    assert out[0]["blocked_bounded_put_s"] < DETECT
     assert out[1]["blocked_get_s"] < DETECT
 
 
@@ -751,7 +759,7 @@ def _shutdown_wakes_getters(ctx):
         ctx.barrier("getting")
         blocked = _Call(lambda: local.get_tensor())  # no timeout
         _poll(lambda: len(g.node.storage("n/sd-local")._getters) == 1, TIMEOUT, "local get")
-        _poll(lambda: len(g.node._remote_getters) == 1, TIMEOUT, "rank 0's get")
+        _poll(lambda: len(g.node._remote_waiters) == 1, TIMEOUT, "rank 0's get")
         t0 = time.monotonic()
         ctx.publish("shutdown-at", repr(t0))
         g.shutdown()
