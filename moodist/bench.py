@@ -103,6 +103,7 @@ class Options:
     timeout: float = 900.0
     json: str | None = None
     plot: str | None = None
+    encrypt: bool = False
 
 
 def parse_size(text: str) -> int:
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before the whole run is abandoned (default 900)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw a plot (needs matplotlib)")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt moodist's traffic (CURVE) to measure what it costs")
     p.add_argument("--list-patterns", action="store_true", help="list patterns and exit")
     return p
 
@@ -181,7 +184,7 @@ def options_from_args(argv: Sequence[str] | None) -> tuple[Options, bool]:
             else list(PATTERNS),
             baselines=_csv_choice(a.baselines, ALL_BASELINES, "baseline"),
             repeats=a.repeats if a.repeats is not None else (1 if a.quick else 3),
-            quick=a.quick, timeout=a.timeout, json=a.json, plot=a.plot,
+            quick=a.quick, timeout=a.timeout, json=a.json, plot=a.plot, encrypt=a.encrypt,
         )
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
@@ -893,7 +896,8 @@ def run_rank(rank: int, world: int, base: dist.Store, opts: Options, local: bool
              inboxes: list[Any] | None, bind_host: str) -> dict[str, Any] | None:
     """Everything one rank does; the results on rank 0."""
     _raise_fd_limit()
-    group = moodist.MoodistProcessGroup(dist.PrefixStore("moodist", base), rank, world)
+    group = moodist.MoodistProcessGroup(dist.PrefixStore("moodist", base), rank, world,
+                                        encrypt=opts.encrypt)
     ctx = Ctx(rank, world, dist.PrefixStore("bench", base), group, inboxes)
     gloo = "gloo" in opts.baselines
     try:

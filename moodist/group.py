@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
+import zmq
 
 from .node import Node
 from .transport import Transport
@@ -68,6 +69,14 @@ class MoodistProcessGroup:
     ``name`` (or every rank with ``name=None``: one is agreed through the
     store).  Thread safe.  ``shutdown()`` (or leaving a ``with`` block) stops
     its I/O thread; pending operations then raise GroupShutdownError.
+
+    Options: ``bind_host``, the address this rank listens on (default: env
+    ``MOODIST_BIND_HOST``, else the interface that routes to a TCPStore's
+    server, else 127.0.0.1; never every interface unless you pass
+    "0.0.0.0"); ``peer_timeout``, seconds after which an unreachable rank is
+    declared lost (default: env ``MOODIST_PEER_TIMEOUT``, else 5);
+    ``encrypt``, ZMTP CURVE encryption and per-rank keys instead of a shared
+    password (default: env ``MOODIST_ENCRYPT``; every rank must agree).
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class MoodistProcessGroup:
         name: str | None = None,
         bind_host: str | None = None,
         peer_timeout: float | None = None,
+        encrypt: bool | None = None,
     ) -> None:
         if not isinstance(store, dist.Store):
             raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
@@ -88,6 +98,10 @@ class MoodistProcessGroup:
             raise ValueError(f"rank must be an int in [0, {size}), got {rank!r}")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError("name must be a non-empty str or None")
+        if encrypt is None:
+            encrypt = os.environ.get("MOODIST_ENCRYPT", "") not in ("", "0")
+        if encrypt and not zmq.has("curve"):
+            raise RuntimeError("encrypt=True needs a libzmq built with CURVE support")
         self._store = store
         self._store_lock = threading.Lock()
         self._rank = rank
@@ -100,22 +114,26 @@ class MoodistProcessGroup:
         seq = store.add(f"moodist/seq/{rank}", 1)
         self._prefix = f"moodist/pg{seq}"
         host = bind_host or _default_bind_host(store)
-        offer = {"name": name, "secret": secrets.token_hex(16), "nonce": secrets.token_hex(8)}
+        offer = {"name": name, "secret": secrets.token_hex(16), "nonce": secrets.token_hex(8),
+                 "encrypt": bool(encrypt)}
         offers = [json.loads(o) for o in self._exchange("hello", json.dumps(offer))]
-        names = [o["name"] for o in offers]
-        if len(set(names)) != 1:
-            raise ValueError(
-                f"ranks gave different group names {names} (by rank); "
-                "every rank must pass the same name"
-            )
+        for field, what in (("name", "group names"), ("encrypt", "encrypt options")):
+            values = [o[field] for o in offers]
+            if len(set(values)) != 1:
+                raise ValueError(
+                    f"ranks gave different {what} {values} (by rank); "
+                    f"every rank must pass the same {field}"
+                )
         first = offers[0]
         self._name = name if name is not None else f"group-{first['nonce']}"
         secret = first["secret"].encode()
+        keypair = zmq.curve_keypair() if encrypt else None
+        self._encrypted = bool(encrypt)
 
         def make_transport(on_message: Callable[..., None], on_lost: Callable[..., None],
                            on_batch_end: Callable[[], None]) -> Transport:
             return Transport(rank, size, secret, host, on_message, on_lost, peer_timeout,
-                             on_batch_end)
+                             on_batch_end, keypair)
 
         self._node = Node(rank, size, make_transport)
         with _groups_lock:
@@ -124,8 +142,13 @@ class MoodistProcessGroup:
                 raise ValueError(f"a process group named {self._name!r} already exists here")
             _groups[self._name] = self
         try:
-            addresses = self._exchange("addr", self._node.transport.address)
-            self._node.transport.start([a.decode() for a in addresses])
+            me = {"address": self._node.transport.address,
+                  "curve": keypair[0].decode() if keypair else None}
+            peers = [json.loads(p) for p in self._exchange("addr", json.dumps(me))]
+            self._node.transport.start(
+                [p["address"] for p in peers],
+                [p["curve"].encode() for p in peers] if keypair else None,
+            )
         except BaseException:
             self.shutdown()
             raise
@@ -137,6 +160,11 @@ class MoodistProcessGroup:
 
     def size(self) -> int:
         return self._size
+
+    @property
+    def encrypted(self) -> bool:
+        """True when traffic between ranks is encrypted (ZMTP CURVE)."""
+        return self._encrypted
 
     def moodist_name(self) -> str:
         """The group's name, the same on every rank; ``Queue(name, ...)`` finds it."""

@@ -15,10 +15,13 @@ Threads:
 * Any thread may call :meth:`Transport.send`; each DEALER has its own lock and
   is never polled, so user threads never touch a socket the I/O thread polls.
 
-Authentication: connections are checked with ZMTP PLAIN through a ZAP handler
-run by the I/O thread: the peer's user name must be a rank of the group and
-its password the group's secret (agreed through the store).  A connection
-that fails is never attached, so strangers cannot deliver a single message.
+Authentication: connections are checked through a ZAP handler run by the I/O
+thread.  By default with ZMTP PLAIN: the peer's user name must be a rank of
+the group and its password the group's secret (agreed through the store).
+With ``curve`` (a key pair per rank, public keys agreed through the store),
+with ZMTP CURVE instead: the peer must present the public key of a rank of
+the group, and all traffic is encrypted.  A connection that fails is never
+attached, so strangers cannot deliver a single message.
 
 Framing: callers send and receive lists of buffers ("frames").  Small ones
 (under ``INLINE_MAX`` bytes) are packed into one zmq frame behind a table of
@@ -44,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
+import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger("moodist.transport")
@@ -110,10 +114,14 @@ class Transport:
         on_peer_lost: Callable[[int, str], None],
         peer_timeout: float | None = None,
         on_batch_end: Callable[[], None] | None = None,
+        curve_keypair: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.rank = rank
         self.size = size
         self._secret = secret
+        self._curve = curve_keypair  # (public, secret), z85; None: PLAIN
+        self._curve_ranks: dict[bytes, int] = {}  # binary public key -> rank
+        self._curve_keys: list[bytes] = []
         self._on_message = on_message
         self._on_peer_lost = on_peer_lost
         self._on_batch_end = on_batch_end or (lambda: None)
@@ -125,7 +133,11 @@ class Transport:
         self._zap = self._ctx.socket(zmq.REP)
         self._zap.bind(_ZAP_ENDPOINT)
         self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.plain_server = True
+        if curve_keypair is None:
+            self._router.plain_server = True
+        else:
+            self._router.curve_server = True
+            self._router.curve_secretkey = curve_keypair[1]
         self._router.rcvhwm = 0
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         port = self._router.bind_to_random_port(f"tcp://{_bracket(bind_host)}")
@@ -148,11 +160,18 @@ class Transport:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, addresses: Sequence[str]) -> None:
-        """Learn every rank's address (index = rank) and start the I/O thread."""
+    def start(self, addresses: Sequence[str], curve_keys: Sequence[bytes] | None = None) -> None:
+        """Learn every rank's address and (with CURVE) public key, index =
+        rank, and start the I/O thread."""
         if len(addresses) != self.size:
             raise ValueError("need one address per rank")
+        if (curve_keys is None) != (self._curve is None) or (
+                curve_keys is not None and len(curve_keys) != self.size):
+            raise ValueError("need one CURVE public key per rank exactly when using CURVE")
         self._addresses = list(addresses)
+        if curve_keys is not None:
+            self._curve_keys = list(curve_keys)
+            self._curve_ranks = {zmq.utils.z85.decode(k): r for r, k in enumerate(curve_keys)}
         self._thread.start()
 
     def close(self, linger: float = 2.0) -> None:
@@ -223,8 +242,12 @@ class Transport:
                 return peer
             sock = self._ctx.socket(zmq.DEALER)
             sock.routing_id = _RANK_ID.pack(self.rank)
-            sock.plain_username = str(self.rank).encode()
-            sock.plain_password = self._secret
+            if self._curve is None:
+                sock.plain_username = str(self.rank).encode()
+                sock.plain_password = self._secret
+            else:
+                sock.curve_publickey, sock.curve_secretkey = self._curve
+                sock.curve_serverkey = self._curve_keys[rank]
             sock.sndhwm = 0
             sock.heartbeat_ivl = 1000
             sock.heartbeat_timeout = max(1000, int(self.peer_timeout * 500))
@@ -350,13 +373,17 @@ class Transport:
         credentials = parts[6:]
         ok = False
         user = b""
-        if mechanism == b"PLAIN" and len(credentials) == 2:
+        if self._curve is None and mechanism == b"PLAIN" and len(credentials) == 2:
             user, password = credentials
             ok = (
                 user.isdigit()
                 and 0 <= int(user) < self.size
                 and hmac.compare_digest(password, self._secret)
             )
+        elif self._curve is not None and mechanism == b"CURVE" and len(credentials) == 1:
+            member = self._curve_ranks.get(credentials[0])
+            ok = member is not None
+            user = str(member).encode() if ok else b""
         if not ok:
             log.warning("moodist: refused a connection from %s (not a member of this group)",
                         address.decode(errors="replace"))

@@ -22,6 +22,7 @@ import uuid
 import pytest
 import torch
 import torch.distributed as dist
+import zmq
 from cluster import ends_together as _ends_together
 
 import moodist
@@ -433,3 +434,55 @@ def test_idle_group_and_blocked_gets_use_no_cpu(cluster):
         assert o["timed_get"] == "Empty", (rank, o)
         assert 1.0 <= o["timed_get_wall"] < 3.0, (rank, o)
         assert o["timed_get_cpu"] < CPU_LIMIT * o["timed_get_wall"], (rank, o)
+
+
+# ---------------------------------------------------------------------------- encryption
+
+
+@_ends_together
+def _encrypted_traffic(ctx):
+    g = ctx.group
+    q = moodist.Queue(g, location=1)
+    big = torch.arange(1 << 20, dtype=torch.int32)  # 4 MiB: large frames encrypted too
+    if ctx.rank == 0:
+        q.put_tensor(big).wait()
+        q.put_object({"small": 1}).wait()
+        return g.encrypted, g.node.transport._router.mechanism, q.get_object(timeout=TIMEOUT)
+    got = q.get_tensor(timeout=TIMEOUT)
+    assert torch.equal(got, big)
+    assert q.get_object(timeout=TIMEOUT) == {"small": 1}
+    q.put_object("remote get works")
+    return g.encrypted, g.node.transport._router.mechanism, None
+
+
+def test_encrypted_group_carries_every_kind_of_traffic(cluster):
+    out = cluster.run(_encrypted_traffic, 2, group={"encrypt": True})
+    assert out == [(True, zmq.CURVE, "remote get works"), (True, zmq.CURVE, None)]
+
+
+def _encryption_env(ctx):
+    os.environ["MOODIST_ENCRYPT"] = "1"
+    try:
+        with moodist.MoodistProcessGroup(ctx.store, ctx.rank, ctx.size) as g:
+            _round_trip(ctx, g)
+            return g.encrypted
+    finally:
+        del os.environ["MOODIST_ENCRYPT"]
+
+
+def test_moodist_encrypt_env_turns_encryption_on(cluster):
+    assert cluster.run(_encryption_env, 2, group=False) == [True, True]
+
+
+def _mismatched_encryption(ctx, port):
+    store = moodist.TcpStore("127.0.0.1", port, "enc", ctx.size, ctx.rank, 4.0)
+    error = _error(lambda: moodist.MoodistProcessGroup(store, ctx.rank, ctx.size,
+                                                       encrypt=ctx.rank == 1))
+    ctx.barrier("tried")
+    return error
+
+
+def test_ranks_must_agree_on_encryption(cluster):
+    out = cluster.run(_mismatched_encryption, 2, _free_port(), group=False, timeout=30)
+    for kind, message in out:
+        assert kind == "ValueError" and "encrypt" in message, message
