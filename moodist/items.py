@@ -26,6 +26,12 @@ def tensor_item(tensor: torch.Tensor, snapshot: bool) -> Item:
     return Item(ItemKind.TENSOR, [serialize.tensor_meta(tensor), data.numpy()])
 
 
+def host_tensor_item(meta: bytes, host: torch.Tensor) -> Item:
+    """An item over ``host``, a contiguous CPU tensor the item now owns
+    (e.g. a staged copy of a CUDA tensor); ``meta`` from tensor_meta."""
+    return Item(ItemKind.TENSOR, [meta, host.reshape(-1).view(torch.uint8).numpy()])
+
+
 def object_item(obj: Any) -> Item:
     """Pickle ``obj`` now (a snapshot: later changes to ``obj`` do not travel)."""
     return Item(ItemKind.OBJECT, serialize.dumps(obj, snapshot=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue as _stdlib_queue
 import threading
+import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -17,10 +18,11 @@ from typing import Any
 import torch
 
 from . import items as _items
+from .cuda import StagedCopy, Stager, land, resolve_device
 from .group import MoodistProcessGroup, find_process_group
-from .node import Future
+from .node import Future, Node
 from .protocol import Item, ItemKind
-from .serialize import check_tensor
+from .serialize import check_tensor, tensor_meta
 
 Empty = _stdlib_queue.Empty
 Full = _stdlib_queue.Full
@@ -37,17 +39,32 @@ class QueueWork:
     multicast queue) and raises if the put failed.  A ``put_tensor`` work waits
     when it is destroyed (the tensor may be modified after that); a
     ``put_object`` work does not (the object was already copied).
+
+    For a CUDA tensor, ``wait()`` does not block the CPU: it makes the current
+    stream wait until the tensor has been copied out (later kernels may then
+    modify it), and raises only if the put has already failed; a failure
+    that comes later is logged.
     """
 
-    __slots__ = ("_future", "_wait_on_del", "__weakref__")
+    __slots__ = ("_future", "_wait_on_del", "_staged", "__weakref__")
 
-    def __init__(self, future: Future, wait_on_del: bool) -> None:
+    def __init__(self, future: Future, wait_on_del: bool,
+                 staged: StagedCopy | None = None) -> None:
         self._future = future
         self._wait_on_del = wait_on_del
+        self._staged = staged
+        if staged is not None:
+            future.add_done_callback(_log_failed_cuda_put)
 
     def wait(self) -> None:
-        """Block until the put is stored at the host; raise its error if it failed."""
+        """Block until the put is stored at the host; raise its error if it
+        failed.  (CUDA tensors: make the current stream wait; see above.)"""
         try:
+            if self._staged is not None:
+                self._staged.make_stream_wait()
+                if self._future.done():
+                    self._future.result()
+                return
             self._future.result()
         except BaseException:
             self._wait_on_del = False  # the caller has seen the error
@@ -65,6 +82,25 @@ class QueueWork:
                 log.error("moodist: a put_tensor whose work was dropped failed: %s", e)
 
 
+def _log_failed_cuda_put(future: Future) -> None:
+    error = future.error()
+    if error is not None:
+        log.error("moodist: a put_tensor of a CUDA tensor failed: %s", error)
+
+
+_stagers: weakref.WeakKeyDictionary[Node, Stager] = weakref.WeakKeyDictionary()
+_stagers_lock = threading.Lock()
+
+
+def _stager(node: Node, create: bool = True) -> Stager | None:
+    """The node's stager of CUDA puts (created on the first CUDA put)."""
+    stager = _stagers.get(node)
+    if stager is None and create:
+        with _stagers_lock:
+            stager = _stagers.setdefault(node, Stager(f"moodist-cuda-{node.rank}"))
+    return stager
+
+
 class TransactionContextManager:
     """Collects puts and makes them visible all at once when the ``with``
     block exits normally; an exception cancels them (and propagates).
@@ -76,7 +112,7 @@ class TransactionContextManager:
 
     def __init__(self, queue: Queue) -> None:
         self._queue = queue
-        self._items: list[Item] = []
+        self._items: list[Item | tuple[bytes, StagedCopy]] = []
         self._state = "new"
 
     def __enter__(self) -> TransactionContextManager:
@@ -88,7 +124,11 @@ class TransactionContextManager:
     def put_tensor(self, tensor: torch.Tensor) -> None:
         """Add ``tensor`` to the transaction."""
         self._check_open()
-        self._items.append(self._queue._tensor_item(tensor))
+        check_tensor(tensor)
+        if tensor.device.type == "cuda":  # copied out now, stream-ordered; sent at commit
+            self._items.append((tensor_meta(tensor), StagedCopy(tensor)))
+        else:
+            self._items.append(self._queue._tensor_item(tensor))
 
     def put_object(self, obj: Any) -> None:
         """Add a snapshot of ``obj`` to the transaction."""
@@ -106,8 +146,15 @@ class TransactionContextManager:
             self._state = "cancelled"
             return
         self._state = "committed"
-        if items:
-            self._queue._put(items, True, None).result()
+        ready: list[Item] = []
+        for entry in items:
+            if isinstance(entry, tuple):
+                meta, staged = entry
+                staged.ready()
+                entry = _items.host_tensor_item(meta, staged.host)
+            ready.append(entry)
+        if ready:
+            self._queue._put(ready, True, None).result()
 
 
 class Queue:
@@ -233,6 +280,9 @@ class Queue:
         ``queue.Full`` if none came; the returned work is then already done.
         """
         timeout = _check_timeout(timeout)
+        check_tensor(tensor)
+        if tensor.device.type == "cuda":
+            return self._put_cuda(tensor, block, timeout)
         item = self._tensor_item(tensor)
         return QueueWork(self._put([item], block, timeout), wait_on_del=True)
 
@@ -250,12 +300,34 @@ class Queue:
         return TransactionContextManager(self)
 
     def _tensor_item(self, tensor: torch.Tensor) -> Item:
-        check_tensor(tensor)
         # A local put completes at once, so the queue needs its own copy;
         # a remote put is acknowledged only after the bytes have arrived.
         return _items.tensor_item(tensor, snapshot=self._host == self._group.rank())
 
+    def _put_cuda(self, tensor: torch.Tensor, block: bool, timeout: float | None) -> QueueWork:
+        """Copy out on the current stream now; send once the copy is done."""
+        staged = StagedCopy(tensor)
+        meta = tensor_meta(tensor)
+
+        def send() -> Future:
+            return self._put_now([_items.host_tensor_item(meta, staged.host)], block, timeout)
+
+        stager = _stager(self._node)
+        if self._maxsize:  # the caller blocks for room anyway: send from here, in order
+            stager.flush()
+            staged.ready()
+            return QueueWork(send(), wait_on_del=True, staged=staged)
+        return QueueWork(stager.submit(staged.ready, send), wait_on_del=True, staged=staged)
+
     def _put(self, items: list[Item], block: bool, timeout: float | None) -> Future:
+        stager = _stager(self._node, create=False)
+        if stager is not None and stager.busy():  # CUDA puts in flight: keep the order
+            if not self._maxsize:
+                return stager.submit(lambda: None, lambda: self._put_now(items, block, timeout))
+            stager.flush()
+        return self._put_now(items, block, timeout)
+
+    def _put_now(self, items: list[Item], block: bool, timeout: float | None) -> Future:
         if not self._maxsize:
             return self._node.put(self._qid, self._route, self._host, items)
         stored = self._node.put_bounded(self._qid, self._host, items, self._maxsize,
@@ -267,15 +339,22 @@ class Queue:
     # ------------------------------------------------------------------ gets
 
     def get_tensor(self, block: bool = True, timeout: float | None = None,
-                   return_size: bool = False) -> Any:
+                   return_size: bool = False, device: torch.device | str | None = None) -> Any:
         """Take the next item, which must have been put with put_tensor.
 
         Blocks as ``queue.Queue.get`` does; raises ``queue.Empty`` when nothing
         came.  With ``return_size`` returns ``(tensor, n)``, ``n`` being the
         queue's size just before this get took its item.  The tensor is a
-        new, writable CPU tensor.
+        new, writable tensor that owns its memory: on the CPU, or on
+        ``device`` when given (e.g. ``"cuda"``; copied on the current stream).
         """
-        return self._get(ItemKind.TENSOR, block, timeout, return_size)
+        dev = resolve_device(device)  # checked before an item is taken
+        got = self._get(ItemKind.TENSOR, block, timeout, return_size)
+        if dev is None:
+            return got
+        if return_size:
+            return land(got[0], dev), got[1]
+        return land(got, dev)
 
     def get_object(self, block: bool = True, timeout: float | None = None,
                    return_size: bool = False) -> Any:
