@@ -32,23 +32,30 @@ from .transport import Transport
 log = logging.getLogger("moodist.node")
 
 
-class Future:
-    """The outcome of one operation; completed once, from any thread."""
+_future_guard = threading.Lock()  # short critical sections of every Future
 
-    __slots__ = ("peer", "_event", "_value", "_error", "_callbacks", "_lock")
+
+class Future:
+    """The outcome of one operation; completed once, from any thread.
+
+    Cheap to make: a waiting primitive is created only if someone waits
+    before it completes (most puts are acknowledged without anyone waiting).
+    """
+
+    __slots__ = ("peer", "_done", "_value", "_error", "_callbacks", "_event")
 
     def __init__(self, peer: int = -1) -> None:
         self.peer = peer
-        self._event = threading.Event()
+        self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[[Future], None]] = []
-        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Future], None]] | None = None
+        self._event: threading.Event | None = None
 
     @classmethod
     def completed(cls, value: Any = None) -> Future:
         fut = cls()
-        fut._event.set()
+        fut._done = True
         fut._value = value
         return fut
 
@@ -59,32 +66,42 @@ class Future:
         self._finish(None, error)
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
-        with self._lock:
-            if self._event.is_set():
+        with _future_guard:
+            if self._done:
                 return
             self._value, self._error = value, error
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
+            event = self._event
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
             callback(self)
 
     def add_done_callback(self, callback: Callable[[Future], None]) -> None:
-        with self._lock:
-            if not self._event.is_set():
+        with _future_guard:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(callback)
                 return
         callback(self)
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def error(self) -> BaseException | None:
         return self._error
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until done (or ``timeout``: raises TimeoutError); raise its error."""
-        if not self._event.wait(timeout):
-            raise TimeoutError
+        if not self._done:
+            with _future_guard:
+                if not self._done and self._event is None:
+                    self._event = threading.Event()
+                event = self._event
+            if event is not None and not event.wait(timeout):
+                raise TimeoutError
         if self._error is not None:
             raise self._error
         return self._value
