@@ -176,3 +176,46 @@ def ends_together(fn: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return rank_fn
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class PeakRss:
+    """``with PeakRss() as peak: ...``; then ``peak.growth``: the highest RSS
+    seen (sampled every 5 ms by a thread) minus the RSS at the start."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.start = self.peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self) -> PeakRss:
+        import gc
+
+        gc.collect()
+        self.start = self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start

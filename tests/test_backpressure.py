@@ -12,7 +12,7 @@ import threading
 import time
 
 import torch
-from cluster import ends_together
+from cluster import PeakRss, ends_together
 
 import moodist
 from moodist import Full, Queue
@@ -31,14 +31,6 @@ def _until(cond, timeout: float = 10.0, what: str = "a condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.002)
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -197,30 +189,16 @@ def _rank_fast_producer(ctx, maxsize, count, nbytes):
             payload[0] = i % 256
             q.put_tensor(payload).wait()
         return None
-    import gc
-
-    gc.collect()
-    start = _rss()
-    peak = [start]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], _rss())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    ctx.barrier("consumer-ready")
     sizes, firsts = [], []
-    for _ in range(count):
-        time.sleep(0.004)  # the consumer's "work": about 10x slower than the producer
-        tensor, n = q.get_tensor(timeout=30, return_size=True)
-        sizes.append(n)
-        firsts.append(int(tensor[0]))
-        del tensor
-    stop.set()
-    sampler.join()
-    return max(sizes), firsts, peak[0] - start
+    with PeakRss() as rss:
+        ctx.barrier("consumer-ready")
+        for _ in range(count):
+            time.sleep(0.004)  # the consumer's "work": about 10x slower than the producer
+            tensor, n = q.get_tensor(timeout=30, return_size=True)
+            sizes.append(n)
+            firsts.append(int(tensor[0]))
+            del tensor
+    return max(sizes), firsts, rss.growth
 
 
 def test_a_fast_producer_keeps_the_hosts_memory_bounded(cluster):
