@@ -106,6 +106,10 @@ class ErrorCode(enum.IntEnum):
     FULL = 6
 
 
+_KINDS = {k.value: k for k in Kind}
+_ITEM_KINDS = {k.value: k for k in ItemKind}
+
+
 @dataclass(slots=True)
 class Item:
     """One queue entry in wire form: its kind and its frames (buffers).
@@ -138,16 +142,15 @@ def parse(frames: Sequence[Any]) -> Message:
     """Split a received message into kind, request id and the rest."""
     if not frames:
         raise ProtocolError("empty message")
-    head = _bytes(frames[0])
+    head = getattr(frames[0], "buffer", frames[0])
     if len(head) != HEADER.size:
         raise ProtocolError(f"header of {len(head)} bytes")
-    magic, version, kind, req_id = HEADER.unpack(head)
+    magic, version, code, req_id = HEADER.unpack(head)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError("bad magic or version")
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        raise ProtocolError(f"unknown message kind {kind}") from None
+    kind = _KINDS.get(code)  # (a dict: Kind(code) costs more, on every message)
+    if kind is None:
+        raise ProtocolError(f"unknown message kind {code}")
     return Message(kind, req_id, list(frames[1:]))
 
 
@@ -207,10 +210,9 @@ def decode_items(frames: Sequence[Any]) -> list[Item]:
         kind, nframes = _MANIFEST_ENTRY.unpack_from(
             manifest, _MANIFEST_HEAD.size + i * _MANIFEST_ENTRY.size
         )
-        try:
-            kind = ItemKind(kind)
-        except ValueError:
-            raise ProtocolError(f"unknown item kind {kind}") from None
+        code, kind = kind, _ITEM_KINDS.get(kind)
+        if kind is None:
+            raise ProtocolError(f"unknown item kind {code}")
         expected_frames = 2 if kind is ItemKind.TENSOR else None
         if nframes < 1 or (expected_frames is not None and nframes != expected_frames):
             raise ProtocolError("wrong frame count for item")

@@ -310,7 +310,7 @@ class Transport:
                     peer = monitors[sock]
                     self._drain(sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
                 if self._router in events:
-                    self._drain(self._router, self._dispatch)
+                    self._drain_router()
                     self._on_batch_end()
                 self._run_timers()
         except zmq.ContextTerminated:
@@ -347,6 +347,19 @@ class Transport:
             except zmq.Again:
                 return
             handle(frames)
+
+    def _drain_router(self) -> None:
+        # Receive the whole batch first, then handle it: each recv releases
+        # the GIL, and a user thread woken by a handled message would take it
+        # at every recv; this way it wakes once per batch.
+        batch = []
+        for _ in range(_DRAIN_BATCH):
+            try:
+                batch.append(self._router.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        for frames in batch:
+            self._dispatch(frames)
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
         routing_id, body = frames[0], frames[1:]
