@@ -179,7 +179,8 @@ class Storage:
                 raise self._closed
             if self._items:  # the invariant says no getter is ahead of us
                 taken = self._take(kind)
-                self._serve()  # room for a waiting putter
+                if self._putters:
+                    self._serve()  # room for a waiting putter
                 return taken
             if not block:
                 return None
@@ -210,7 +211,8 @@ class Storage:
                     getter.fail(e)
                 else:
                     getter.deliver(item, size)
-                    self._serve()
+                    if self._putters:
+                        self._serve()
                 return True
             if not block:
                 return False
