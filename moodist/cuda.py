@@ -90,10 +90,11 @@ class Stager:
             self._cond.notify()
         return outcome
 
-    def flush(self) -> None:
-        """Block until everything submitted so far has been handed to the node."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until everything submitted so far has been handed to the node
+        (False if ``timeout`` expired first)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._in_flight == 0)
+            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
 
     def _run(self) -> None:
         while True:

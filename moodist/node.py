@@ -213,6 +213,7 @@ class Node:
         self._acks_due: dict[int, int] = {}
         self._sequence_lock = threading.Lock()
         self._deliveries: set[Future] = set()  # puts and copies not yet acknowledged
+        self._before_close: list[Callable[[float], object]] = []
         self._closed: BaseException | None = None
         self._handlers: dict[Kind, Callable[[int, Message], None]] = {
             Kind.PUT: self._on_put,
@@ -322,6 +323,8 @@ class Node:
         if self._closed is not None:
             return
         deadline = time.monotonic() + flush
+        for hook in list(self._before_close):
+            hook(max(0.0, deadline - time.monotonic()))
         for fut in list(self._deliveries):
             try:
                 fut.result(max(0.0, deadline - time.monotonic()))
@@ -334,6 +337,11 @@ class Node:
             storage.close(self._closed)
         self._fail_pending(lambda fut: True, lambda fut: self._closed)
         self.transport.close()
+
+    def before_close(self, hook: Callable[[float], object]) -> None:
+        """Call ``hook(seconds_left)`` first thing in close(), e.g. to hand
+        over puts that an upper layer still holds (within the flush time)."""
+        self._before_close.append(hook)
 
     # ================================================================== requests
 

@@ -97,7 +97,10 @@ def _stager(node: Node, create: bool = True) -> Stager | None:
     stager = _stagers.get(node)
     if stager is None and create:
         with _stagers_lock:
-            stager = _stagers.setdefault(node, Stager(f"moodist-cuda-{node.rank}"))
+            stager = _stagers.get(node)
+            if stager is None:
+                stager = _stagers[node] = Stager(f"moodist-cuda-{node.rank}")
+                node.before_close(stager.flush)  # staged puts go out before shutdown
     return stager
 
 

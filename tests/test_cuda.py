@@ -226,3 +226,23 @@ def test_cuda_puts_to_local_and_bounded_queues(cluster):
     out = cluster.run(_rank_cuda_bounded_and_local, 2)
     assert out[0] == ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0])
     assert out[1] == ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], None)
+
+
+def _rank_shutdown_sends_staged_puts(ctx):
+    q = Queue(ctx.group, location=1)
+    if ctx.rank == 1:
+        got = q.get_object(timeout=TIMEOUT)
+        ctx.barrier("received")
+        return got
+    copy_done = threading.Event()
+    stager = _stager(q._node)
+    item = moodist.items.object_item("staged before shutdown")
+    stager.submit(copy_done.wait, lambda: q._put_now([item], True, None))
+    threading.Timer(0.2, copy_done.set).start()  # the "GPU copy" ends after shutdown began
+    ctx.group.shutdown()  # hands the staged put over, then waits for its acknowledgement
+    ctx.barrier("received")
+    return None
+
+
+def test_shutdown_sends_puts_still_being_staged(cluster):
+    assert cluster.run(_rank_shutdown_sends_staged_puts, 2)[1] == "staged before shutdown"
