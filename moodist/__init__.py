@@ -15,7 +15,7 @@ With torch.distributed (``import moodist`` registers the ``"moodist"`` backend):
 
 from queue import Empty
 
-from .distributed import BackendOptions, MoodistBackend, process_group, register_backend
+from .distributed import BackendOptions, process_group, register_backend
 from .errors import GroupShutdownError, ItemKindError, PeerLostError, RemoteError
 from .group import MoodistProcessGroup, TcpStore, find_process_group
 from .queue import Queue, QueueWork, TransactionContextManager
@@ -30,7 +30,6 @@ __all__ = [
     "Empty",
     "GroupShutdownError",
     "ItemKindError",
-    "MoodistBackend",
     "MoodistProcessGroup",
     "PeerLostError",
     "Queue",

@@ -6,16 +6,16 @@
     dist.all_reduce(t)                             # torch's gloo (CPU) / nccl (CUDA) underneath
     queue = moodist.Queue(dist.group.WORLD, location=0)
 
-The group it makes is a :class:`MoodistBackend`: a ``torch.distributed.ProcessGroup``
-whose collectives run on real gloo (CPU tensors) and, where CUDA is available, nccl (CUDA
-tensors) backends, registered by device exactly as ``"cpu:gloo,cuda:nccl"`` would be, and
-which carries a :class:`~moodist.MoodistProcessGroup` for queues, built collectively when
-the group is made (``init_process_group``/``new_group``), from the store torch passes.
+The group it makes is a plain ``torch.distributed.ProcessGroup`` whose collectives run on
+real gloo (CPU tensors) and, where CUDA is available, nccl (CUDA tensors) backends,
+registered by device exactly as ``"cpu:gloo,cuda:nccl"`` would be.  Its queue side, a
+:class:`~moodist.MoodistProcessGroup`, is built collectively with it (in the backend's
+creator, from the store torch passes) and kept in a table keyed by the torch group, where
+:func:`process_group` and ``moodist.Queue(torch_group, ...)`` find it.
 
-Queues also work on groups of any other backend (gloo, nccl, subgroups):
-:func:`process_group` attaches a MoodistProcessGroup to the torch group, built from the
-job's store under the group's own prefix, and caches it.  Attaching is collective over the
-group's ranks; ``Queue(torch_group, ...)`` attaches on first use.
+Queues also work on groups of any other backend (gloo, nccl, subgroups): the first
+:func:`process_group` call (or Queue) on such a group attaches a MoodistProcessGroup built
+from the job's store under the group's own prefix, collectively, and caches it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch.distributed import distributed_c10d as _c10d
 
 from .group import MoodistProcessGroup
 
-__all__ = ["BACKEND_NAME", "MoodistBackend", "BackendOptions", "process_group"]
+__all__ = ["BACKEND_NAME", "BackendOptions", "process_group", "register_backend"]
 
 BACKEND_NAME = "moodist"
 _BackendType = dist.ProcessGroup.BackendType
@@ -48,86 +49,65 @@ class BackendOptions:
     peer_timeout: float | None = None
 
 
-class MoodistBackend(dist.ProcessGroup):
-    """The ``torch.distributed.ProcessGroup`` made by the ``"moodist"`` backend.
+def _make_group(
+    store: dist.Store,
+    rank: int,
+    size: int,
+    timeout: datetime.timedelta,
+    group_name: str,
+    global_ranks: list[int],
+    options: BackendOptions,
+) -> dist.ProcessGroup:
+    """A plain torch ProcessGroup with gloo (CPU) and, if CUDA is available, nccl (CUDA)
+    registered by device, as ``"cpu:gloo,cuda:nccl"`` makes it; plus its queue side.
 
-    Collectives and send/recv go to torch's own backends, registered per device: gloo for
-    CPU tensors and, when CUDA is available, nccl for CUDA tensors (nccl is then the
-    default backend, as with ``"cpu:gloo,cuda:nccl"``).  Queues use :attr:`moodist_group`,
-    which ``moodist.Queue(this_group, ...)`` and :func:`process_group` find.
-    ``destroy_process_group`` shuts both down.
+    Collective over the group's ranks.  ``store`` is the group's own (prefixed) store;
+    gloo, nccl and moodist use the sub-prefixes ``gloo/``, ``nccl/`` and ``moodist/``.
+    A plain ProcessGroup, not a Python subclass: torch runs a Python subclass's
+    collectives holding the GIL, which deadlocks with gloo's worker threads.
     """
-
-    def __init__(
-        self,
-        store: dist.Store,
-        rank: int,
-        size: int,
-        timeout: datetime.timedelta,
-        *,
-        group_name: str = "",
-        global_ranks: list[int] | None = None,
-        options: BackendOptions | None = None,
-    ) -> None:
-        """Collective over the group's ranks.  ``store`` is the group's own (prefixed)
-        store; the backends use sub-prefixes ``gloo/``, ``nccl/`` and ``moodist/``."""
-        super().__init__(rank, size)
-        options = options or BackendOptions()
-        ranks = list(global_ranks or [])
-        gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
-        gloo.options.global_ranks_in_group = ranks
-        gloo.options.group_name = group_name
-        gloo._set_sequence_number_for_group()
-        self._register_backend(torch.device("cpu"), _BackendType.GLOO, gloo)
-        default = _BackendType.GLOO
-        if torch.cuda.is_available() and dist.is_nccl_available():
-            nccl_options = dist.ProcessGroupNCCL.Options()
-            nccl_options.is_high_priority_stream = False
-            nccl_options._timeout = timeout
-            nccl_options.global_ranks_in_group = ranks
-            nccl_options.group_name = group_name
-            nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", store), rank, size,
-                                         nccl_options)
-            nccl._set_sequence_number_for_group()
-            self._register_backend(torch.device("cuda"), _BackendType.NCCL, nccl)
-            default = _BackendType.NCCL
-        self._set_default_backend(default)
-        try:
-            self._moodist = MoodistProcessGroup(
-                dist.PrefixStore("moodist/", store), rank, size,
-                bind_host=options.bind_host, peer_timeout=options.peer_timeout,
-            )
-        except BaseException:
-            super().shutdown()
-            raise
-
-    @property
-    def moodist_group(self) -> MoodistProcessGroup:
-        """The group's queue side (the same object on every call)."""
-        return self._moodist
-
-    def shutdown(self) -> None:
-        """Shut down the queue side, then torch's backends (``destroy_process_group``
-        calls this)."""
-        self._moodist.shutdown()
-        super().shutdown()
-
-    def __repr__(self) -> str:
-        return f"MoodistBackend(rank={self.rank()}, size={self.size()}, {self._moodist!r})"
+    pg = dist.ProcessGroup(store, rank, size)
+    gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
+    gloo.options.global_ranks_in_group = global_ranks
+    gloo.options.group_name = group_name
+    gloo._set_sequence_number_for_group()
+    pg._register_backend(torch.device("cpu"), _BackendType.GLOO, gloo)
+    default = _BackendType.GLOO
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        nccl_options = dist.ProcessGroupNCCL.Options()
+        nccl_options.is_high_priority_stream = False
+        nccl_options._timeout = timeout
+        nccl_options.global_ranks_in_group = global_ranks
+        nccl_options.group_name = group_name
+        nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", store), rank, size, nccl_options)
+        nccl._set_sequence_number_for_group()
+        pg._register_backend(torch.device("cuda"), _BackendType.NCCL, nccl)
+        default = _BackendType.NCCL
+    pg._set_default_backend(default)
+    try:
+        made = MoodistProcessGroup(
+            dist.PrefixStore("moodist/", store), rank, size,
+            bind_host=options.bind_host, peer_timeout=options.peer_timeout,
+        )
+    except BaseException:
+        pg.shutdown()
+        raise
+    _remember(pg, made)
+    return pg
 
 
-def _create_backend(opts: Any, pg_options: Any) -> MoodistBackend:
-    """torch's creator hook (extended API): called on each member of a new group."""
+def _create_backend(opts: Any, pg_options: Any) -> dist.ProcessGroup:
+    """torch's creator hook (extended API): called on each member of a new group; the
+    ProcessGroup it returns is the group torch hands out."""
     if pg_options is not None and not isinstance(pg_options, BackendOptions):
         raise TypeError(
             f"pg_options for the moodist backend must be moodist.BackendOptions, "
             f"got {type(pg_options).__name__}"
         )
-    return MoodistBackend(
-        opts.store, opts.group_rank, opts.group_size, opts.timeout,
-        group_name=str(opts.group_id), global_ranks=list(opts.global_ranks_in_group),
-        options=pg_options,
-    )
+    _sweep_destroyed()
+    return _make_group(opts.store, opts.group_rank, opts.group_size, opts.timeout,
+                       str(opts.group_id), list(opts.global_ranks_in_group),
+                       pg_options or BackendOptions())
 
 
 def register_backend() -> None:
@@ -138,11 +118,30 @@ def register_backend() -> None:
 
 # ---------------------------------------------------------------------------- any torch group
 
-# torch group -> its MoodistProcessGroup, for groups of other backends.  Holding the torch
-# group keeps its identity (and hash) from being reused while the entry lives.
-_attached: dict[dist.ProcessGroup, MoodistProcessGroup] = {}
-_attach_locks: dict[dist.ProcessGroup, threading.Lock] = {}
-_attached_lock = threading.Lock()
+
+class _Entry:
+    __slots__ = ("group", "seen_live")
+
+    def __init__(self, group: MoodistProcessGroup) -> None:
+        self.group = group
+        self.seen_live = False  # seen in torch's table of live groups
+
+
+# torch group -> its queue side.  Weak keys: when torch drops a destroyed group (and nobody
+# else holds it) the entry goes and a finalizer shuts the queue side down.
+_by_torch_group: weakref.WeakKeyDictionary[dist.ProcessGroup, _Entry] = (
+    weakref.WeakKeyDictionary()
+)
+_attach_locks: weakref.WeakKeyDictionary[dist.ProcessGroup, threading.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_lock = threading.Lock()
+
+
+def _remember(pg: dist.ProcessGroup, made: MoodistProcessGroup) -> None:
+    with _lock:
+        _by_torch_group[pg] = _Entry(made)
+    weakref.finalize(pg, made.shutdown)
 
 
 def process_group(
@@ -158,8 +157,8 @@ def process_group(
     one and later calls return it: the first call is **collective**, every rank of
     ``group`` must make it (or construct a Queue on ``group``), and it waits for them up
     to the job's store timeout.  ``bind_host``/``peer_timeout`` apply to that first call.
-    Location ranks of its queues are ranks of ``group``.  The attachment is shut down at
-    exit, or on the first call after ``destroy_process_group`` destroyed ``group``.
+    Location ranks of its queues are ranks of ``group``.  The queue side is shut down
+    when torch destroys the group (``destroy_process_group``), or at exit.
     """
     if isinstance(group, MoodistProcessGroup):
         return group
@@ -167,8 +166,6 @@ def process_group(
         if not dist.is_initialized():
             raise ValueError("torch.distributed is not initialized; call init_process_group")
         group = _c10d._get_default_group()
-    if isinstance(group, MoodistBackend):
-        return group.moodist_group
     if not isinstance(group, dist.ProcessGroup):
         if type(group) is int and group == _c10d.GroupMember.NON_GROUP_MEMBER:
             raise ValueError("this rank is not a member of that torch process group")
@@ -177,22 +174,20 @@ def process_group(
             f"got {type(group).__name__}"
         )
     _sweep_destroyed()
-    with _attached_lock:
-        found = _attached.get(group)
-        if found is not None:
-            return found
-        lock = _attach_locks.setdefault(group, threading.Lock())
-    with lock:  # one build per torch group on this rank; other groups are not held up
-        with _attached_lock:
-            found = _attached.get(group)
-            if found is not None:
-                return found
+    with _lock:
+        entry = _by_torch_group.get(group)
+        if entry is not None:
+            return entry.group
+        attach_lock = _attach_locks.setdefault(group, threading.Lock())
+    with attach_lock:  # one build per torch group on this rank; others are not held up
+        with _lock:
+            entry = _by_torch_group.get(group)
+            if entry is not None:
+                return entry.group
         store = _group_store(group)
         made = MoodistProcessGroup(dist.PrefixStore("moodist/", store), group.rank(),
                                    group.size(), bind_host=bind_host, peer_timeout=peer_timeout)
-        with _attached_lock:
-            _attached[group] = made
-            _attach_locks.pop(group, None)
+        _remember(group, made)
         return made
 
 
@@ -208,9 +203,16 @@ def _group_store(group: dist.ProcessGroup) -> dist.Store:
 
 
 def _sweep_destroyed() -> None:
-    """Shut down the attachments of torch groups that have been destroyed."""
-    with _attached_lock:
-        gone = [g for g in _attached if g not in _c10d._world.pg_map]
-        dropped = [_attached.pop(g) for g in gone]
+    """Shut down the queue sides of torch groups destroyed since they were seen live (for
+    when something still holds a destroyed group, so its finalizer has not run)."""
+    live = _c10d._world.pg_map
+    dropped = []
+    with _lock:
+        for pg, entry in list(_by_torch_group.items()):
+            if pg in live:
+                entry.seen_live = True
+            elif entry.seen_live:
+                dropped.append(entry.group)
+                del _by_torch_group[pg]
     for made in dropped:
         made.shutdown()
