@@ -6,7 +6,8 @@ untouched).  Each rank (tests/netns_rank.py) runs in its namespace with a TCPSto
 rank 0 and a MoodistProcessGroup bound, by default, to its namespace's address; they
 exchange queue traffic, then the test takes the cut rank's link down: what needs the cut
 rank fails with PeerLostError naming it within a few seconds, and the other ranks keep
-working.  Needs root and ``ip`` (iproute2); skipped otherwise.
+working.  Needs root and ``ip`` (iproute2); skipped otherwise.  Also, without root: the
+default bind address for a store on this host, and a group over IPv6.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import json
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+
+import moodist
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 3
@@ -181,3 +185,39 @@ def test_ranks_in_separate_namespaces_and_a_cut_link(namespaces):
             if r.proc.poll() is None:
                 r.proc.kill()
                 r.proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------- interfaces
+
+
+def test_default_bind_host_for_a_store_on_this_host_is_loopback(monkeypatch):
+    """A store host that resolves to IPv6 loopback first (``localhost`` on many systems)
+    gives 127.0.0.1, which every host has."""
+    import torch.distributed as dist
+
+    from moodist import group as group_module
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    v6 = [(socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", 1, 0, 0))]
+    monkeypatch.setattr(group_module.socket, "getaddrinfo", lambda *a, **k: v6)
+    assert group_module._default_bind_host(dist.PrefixStore("p/", store)) == "127.0.0.1"
+
+
+def _ipv6_round_trip(ctx):
+    q = moodist.Queue(ctx.group, location=0)
+    q.put_object(ctx.rank).wait()
+    ctx.barrier("put")
+    got = sorted(q.get_object(timeout=30) for _ in range(ctx.size)) if ctx.rank == 0 else None
+    ctx.barrier("got")
+    return ctx.group.node.transport.address, got
+
+
+def test_a_group_over_ipv6(cluster):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    out = cluster.run(_ipv6_round_trip, 2, group={"bind_host": "::1"}, timeout=60)
+    assert all(address.startswith("tcp://[::1]:") for address, _ in out)
+    assert out[0][1] == [0, 1]
