@@ -6,18 +6,27 @@ Public API (see SPEC-queue.md)::
     queue = moodist.Queue(group, location=0)
     queue.put_tensor(torch.ones(3))        # on any rank
     tensor = queue.get_tensor(timeout=5)   # on any rank
+
+With torch.distributed (``import moodist`` registers the ``"moodist"`` backend)::
+
+    dist.init_process_group("moodist")     # collectives on gloo/nccl, plus queues
+    queue = moodist.Queue(dist.group.WORLD, location=0)
 """
 
 from queue import Empty, Full
 
+from .distributed import BackendOptions, process_group, register_backend
 from .errors import GroupShutdownError, ItemKindError, PeerLostError, RemoteError
 from .group import MoodistProcessGroup, TcpStore, find_process_group
 from .queue import Queue, QueueWork, TransactionContextManager
 from .serialize import deserialize, serialize
 
+register_backend()
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendOptions",
     "Empty",
     "Full",
     "GroupShutdownError",
@@ -31,5 +40,6 @@ __all__ = [
     "TransactionContextManager",
     "deserialize",
     "find_process_group",
+    "process_group",
     "serialize",
 ]

@@ -243,7 +243,7 @@ def _default_bind_host(store: dist.Store) -> str:
     try:
         infos = socket.getaddrinfo(server, 1, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
-        if family == socket.AF_INET and addr[0].startswith("127."):
+        if addr[0].startswith("127.") or addr[0] == "::1":  # a job on this host
             return "127.0.0.1"
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             probe.connect(addr)  # no packet is sent; this only picks the route

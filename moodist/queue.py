@@ -16,9 +16,11 @@ from types import TracebackType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import items as _items
 from .cuda import StagedCopy, Stager, land, resolve_device
+from .distributed import process_group as _torch_process_group
 from .group import MoodistProcessGroup, find_process_group
 from .node import Future, Node
 from .protocol import Item, ItemKind
@@ -163,13 +165,18 @@ class TransactionContextManager:
 class Queue:
     """A FIFO queue hosted on one rank (``location=int``) or copied to several
     (``location=[...]``, multicast).  Thread safe.  See SPEC-queue.md.
+
+    ``process_group`` is a MoodistProcessGroup, its name, or any
+    ``torch.distributed.ProcessGroup`` (``dist.group.WORLD``, a ``new_group``): locations
+    are ranks of that group.  On a torch group not made by the ``"moodist"`` backend the
+    first Queue on this rank is collective, as :func:`moodist.process_group` says.
     """
 
     _group: MoodistProcessGroup
 
     def __new__(
         cls,
-        process_group: MoodistProcessGroup | str,
+        process_group: MoodistProcessGroup | dist.ProcessGroup | str,
         location: int | Iterable[int],
         streaming: bool = False,
         name: str | None = None,
@@ -222,7 +229,7 @@ class Queue:
 
     def __init__(
         self,
-        process_group: MoodistProcessGroup | str,
+        process_group: MoodistProcessGroup | dist.ProcessGroup | str,
         location: int | Iterable[int],
         streaming: bool = False,
         name: str | None = None,
@@ -434,16 +441,23 @@ def _rebuild_queue(group_name: str, location: int | list[int], name: str) -> Que
     return Queue(group, location, name=name)
 
 
-def _resolve_group(process_group: MoodistProcessGroup | str) -> MoodistProcessGroup:
+def _resolve_group(
+    process_group: MoodistProcessGroup | dist.ProcessGroup | str,
+) -> MoodistProcessGroup:
     if isinstance(process_group, MoodistProcessGroup):
         return process_group
+    if isinstance(process_group, dist.ProcessGroup):
+        # A "moodist" torch group carries its own; any other is attached (collectively)
+        # on first use and cached (see moodist.process_group).
+        return _torch_process_group(process_group)
     if isinstance(process_group, str):
         group = find_process_group(process_group)
         if group is None:
             raise ValueError(f"no process group named {process_group!r} on this rank")
         return group
     raise TypeError(
-        f"process_group must be a MoodistProcessGroup or a group name, "
+        f"process_group must be a MoodistProcessGroup, a torch.distributed.ProcessGroup "
+        f"or a group name, "
         f"got {type(process_group).__name__}"
     )
 

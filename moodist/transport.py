@@ -130,6 +130,7 @@ class Transport:
         )
         self._ctx = zmq.Context(io_threads=1)
         self._ctx.linger = 0
+        self._ctx.ipv6 = True  # sockets take IPv6 addresses too (and IPv4 ones as before)
         self._zap = self._ctx.socket(zmq.REP)
         self._zap.bind(_ZAP_ENDPOINT)
         self._router = self._ctx.socket(zmq.ROUTER)
