@@ -43,10 +43,12 @@ class BackendOptions:
     """Settings for the queue side of a ``"moodist"`` group; pass as ``pg_options`` to
     ``init_process_group``/``new_group``.  None means the default of
     :class:`~moodist.MoodistProcessGroup` (``MOODIST_BIND_HOST``, ``MOODIST_PEER_TIMEOUT``,
-    else the interface that routes to the store's host, and 5 s)."""
+    ``MOODIST_ENCRYPT``, else the interface that routes to the store's host, 5 s, and no
+    encryption)."""
 
     bind_host: str | None = None
     peer_timeout: float | None = None
+    encrypt: bool | None = None
 
 
 def _make_group(
@@ -88,6 +90,7 @@ def _make_group(
         made = MoodistProcessGroup(
             dist.PrefixStore("moodist/", store), rank, size,
             bind_host=options.bind_host, peer_timeout=options.peer_timeout,
+            encrypt=options.encrypt,
         )
     except BaseException:
         pg.shutdown()
@@ -149,6 +152,7 @@ def process_group(
     *,
     bind_host: str | None = None,
     peer_timeout: float | None = None,
+    encrypt: bool | None = None,
 ) -> MoodistProcessGroup:
     """The MoodistProcessGroup that queues on ``group`` use (default: the WORLD group).
 
@@ -156,7 +160,8 @@ def process_group(
     returned as is.  For a group of another backend, the first call on this rank attaches
     one and later calls return it: the first call is **collective**, every rank of
     ``group`` must make it (or construct a Queue on ``group``), and it waits for them up
-    to the job's store timeout.  ``bind_host``/``peer_timeout`` apply to that first call.
+    to the job's store timeout.  ``bind_host``/``peer_timeout``/``encrypt`` apply to that
+    first call.
     Location ranks of its queues are ranks of ``group``.  The queue side is shut down
     when torch destroys the group (``destroy_process_group``), or at exit.
     """
@@ -186,7 +191,8 @@ def process_group(
                 return entry.group
         store = _group_store(group)
         made = MoodistProcessGroup(dist.PrefixStore("moodist/", store), group.rank(),
-                                   group.size(), bind_host=bind_host, peer_timeout=peer_timeout)
+                                   group.size(), bind_host=bind_host, peer_timeout=peer_timeout,
+                                   encrypt=encrypt)
         _remember(group, made)
         return made
 

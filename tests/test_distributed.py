@@ -270,12 +270,13 @@ def test_the_backend_is_registered_for_cpu_and_cuda_without_taking_over_defaults
 
 
 def test_backend_options_and_a_single_rank_group_in_process():
-    options = moodist.BackendOptions(bind_host="127.0.0.1", peer_timeout=1.5)
+    options = moodist.BackendOptions(bind_host="127.0.0.1", peer_timeout=1.5, encrypt=True)
     dist.init_process_group("moodist", store=dist.HashStore(), rank=0, world_size=1,
                             pg_options=options, timeout=INIT_TIMEOUT)
     try:
         world = dist.group.WORLD
         transport = moodist.process_group(world).node.transport
+        assert moodist.process_group(world).encrypted
         assert transport.peer_timeout == 1.5
         assert transport.address.startswith("tcp://127.0.0.1:")
         q = moodist.Queue(world, location=0)
