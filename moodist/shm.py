@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import fcntl
 import hmac
 import itertools
 import logging
@@ -62,6 +61,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no shared memory
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Link", "DEFAULT_MIN_SIZE"]
 
@@ -83,7 +87,8 @@ _MAX_NAME = 64
 _ID = r"[0-9a-f]{16}"
 _SEGMENT_RE = re.compile(rf"moodist-({_ID})-[0-9]{{1,18}}")
 _FILE_RE = re.compile(rf"moodist-({_ID})(?:-[0-9]{{1,18}}|\.probe)")
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_SUPPORTED = fcntl is not None and hasattr(os, "posix_fallocate") and hasattr(os, "O_NOFOLLOW")
+_OPEN_FLAGS = sum(getattr(os, f, 0) for f in ("O_NOFOLLOW", "O_CLOEXEC", "O_NONBLOCK"))
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # Copies this large use torch's intra-op threads (64 MiB: 6.9 vs 5.6 GB/s on 2
 # cores); smaller ones one thread, as the pool's spinning barriers make a
@@ -158,6 +163,8 @@ class Link:
         """A link configured from the environment, or None when it is turned
         off or /dev/shm cannot be used (then everything travels over TCP)."""
         if os.environ.get("MOODIST_SHM", "1").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        if not _SUPPORTED:
             return None
         try:
             min_size = int(os.environ.get("MOODIST_SHM_MIN", DEFAULT_MIN_SIZE))
