@@ -142,12 +142,15 @@ class MoodistProcessGroup:
                 raise ValueError(f"a process group named {self._name!r} already exists here")
             _groups[self._name] = self
         try:
-            me = {"address": self._node.transport.address,
-                  "curve": keypair[0].decode() if keypair else None}
+            transport = self._node.transport
+            me = {"address": transport.address,
+                  "curve": keypair[0].decode() if keypair else None,
+                  "shm": transport.shm.offer() if transport.shm is not None else None}
             peers = [json.loads(p) for p in self._exchange("addr", json.dumps(me))]
-            self._node.transport.start(
+            transport.start(
                 [p["address"] for p in peers],
                 [p["curve"].encode() for p in peers] if keypair else None,
+                [p.get("shm") for p in peers],
             )
         except BaseException:
             self.shutdown()

@@ -28,6 +28,10 @@ Framing: callers send and receive lists of buffers ("frames").  Small ones
 lengths, large ones travel as zmq frames of their own, without a copy.  A
 typical message is thus one zmq frame: libzmq's cost is per zmq frame.
 
+Same host: frames of at least ``MOODIST_SHM_MIN`` bytes (1 MiB) to a rank
+that shares this host's /dev/shm travel as shared-memory segments (see
+:mod:`moodist.shm`); only a small descriptor goes through zmq.
+
 Liveness: zmq heartbeats close a silent connection; a peer whose connection
 is down for longer than ``peer_timeout`` seconds is declared lost and
 ``on_peer_lost(rank, reason)`` is called once.
@@ -50,12 +54,15 @@ import zmq
 import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
+from .shm import Link
+
 log = logging.getLogger("moodist.transport")
 
 _RANK_ID = struct.Struct("<I")
 _COUNT = struct.Struct("<I")
 INLINE_MAX = 8192
 _INLINE = 1 << 63
+_SHM = 1 << 62  # with _INLINE: the inline bytes describe a shared-memory segment
 _MAX_FRAMES = 1 << 20
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _DRAIN_BATCH = 256
@@ -158,12 +165,15 @@ class Transport:
         self._closing = False  # the I/O thread is asked to stop
         self._closed = False  # sockets are being closed: nothing more is sent
         self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
+        self.shm = Link.open()  # None: every frame goes through zmq
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, addresses: Sequence[str], curve_keys: Sequence[bytes] | None = None) -> None:
-        """Learn every rank's address and (with CURVE) public key, index =
-        rank, and start the I/O thread."""
+    def start(self, addresses: Sequence[str], curve_keys: Sequence[bytes] | None = None,
+              shm_offers: Sequence[Any] | None = None) -> None:
+        """Learn every rank's address, (with CURVE) public key and shared-memory
+        offer (``self.shm.offer()`` or None), index = rank, and start the I/O
+        thread."""
         if len(addresses) != self.size:
             raise ValueError("need one address per rank")
         if (curve_keys is None) != (self._curve is None) or (
@@ -173,6 +183,8 @@ class Transport:
         if curve_keys is not None:
             self._curve_keys = list(curve_keys)
             self._curve_ranks = {zmq.utils.z85.decode(k): r for r, k in enumerate(curve_keys)}
+        if self.shm is not None:
+            self.shm.connect(self.rank, shm_offers or [])
         self._thread.start()
 
     def close(self, linger: float = 2.0) -> None:
@@ -192,6 +204,8 @@ class Transport:
             with peer.lock:  # no send is half done after this
                 pass
         self._ctx.destroy(linger=int(linger * 1000))
+        if self.shm is not None:
+            self.shm.close(grace=linger)
 
     @property
     def closed(self) -> bool:
@@ -210,7 +224,7 @@ class Transport:
         peer = self._peers.get(rank) or self._connect(rank)
         if peer is None or peer.lost:
             return
-        packed = pack_frames(frames)
+        packed = pack_frames(frames, self._exporter(rank))
         with peer.lock:
             if self._closed:
                 return
@@ -226,8 +240,11 @@ class Transport:
         with peer.lock:
             if self._closed:
                 return False
-            peer.socket.send_multipart(pack_frames(build()), copy=False)
+            peer.socket.send_multipart(pack_frames(build(), self._exporter(rank)), copy=False)
         return True
+
+    def _exporter(self, rank: int) -> Callable[[Any, int], bytes | None] | None:
+        return None if self.shm is None else self.shm.exporter(rank)
 
     def ensure_connected(self, rank: int) -> None:
         """Connect to ``rank`` now (so its liveness is watched)."""
@@ -374,7 +391,8 @@ class Transport:
             log.warning("moodist: dropped a message whose routing id does not match its user")
             return
         try:
-            self._on_message(rank, unpack_frames(body))
+            attach = None if self.shm is None else self.shm.attacher(rank)
+            self._on_message(rank, unpack_frames(body, attach))
         except Exception as e:
             log.warning("moodist: dropped a message from rank %d: %s", rank, e)
             log.debug("details", exc_info=True)
@@ -433,6 +451,8 @@ class Transport:
             return
         peer.lost = True
         log.warning("moodist: rank %d lost: %s", peer.rank, reason)
+        if self.shm is not None:
+            self.shm.peer_lost(peer.rank)
         self._on_peer_lost(peer.rank, reason)
 
     def is_lost(self, rank: int) -> bool:
@@ -440,8 +460,12 @@ class Transport:
         return peer is not None and peer.lost
 
 
-def pack_frames(frames: Sequence[Any]) -> list[Any]:
-    """Frames (buffers) -> zmq frames: ``[table + inline frames, *large frames]``."""
+def pack_frames(frames: Sequence[Any],
+                export: Callable[[Any, int], bytes | None] | None = None) -> list[Any]:
+    """Frames (buffers) -> zmq frames: ``[table + inline frames, *large frames]``.
+
+    ``export(frame, nbytes)``, if given, may turn a large frame into a
+    shared-memory descriptor (bytes, sent inline) or decline with None."""
     lengths = []
     inline: list[Any] = []
     large: list[Any] = []
@@ -451,6 +475,9 @@ def pack_frames(frames: Sequence[Any]) -> list[Any]:
         if n < INLINE_MAX:
             lengths.append(n | _INLINE)
             inline.append(frame)
+        elif export is not None and (desc := export(frame, n)) is not None:
+            lengths.append(len(desc) | _INLINE | _SHM)
+            inline.append(desc)
         else:
             lengths.append(n)
             large.append(frame)
@@ -458,10 +485,13 @@ def pack_frames(frames: Sequence[Any]) -> list[Any]:
     return [b"".join([table, *inline]), *large]
 
 
-def unpack_frames(zframes: Sequence[zmq.Frame]) -> list[Any]:
+def unpack_frames(zframes: Sequence[zmq.Frame],
+                  attach: Callable[[memoryview], Any] | None = None) -> list[Any]:
     """Inverse of :func:`pack_frames`.  Inline frames are memoryviews into the
-    received zmq frame (no copy); large ones are the zmq.Frames themselves.
-    Raises ValueError if the table does not match what arrived."""
+    received zmq frame (no copy); large ones are the zmq.Frames themselves;
+    shared-memory ones are what ``attach(descriptor)`` returns, called once
+    the whole table has been checked.  Raises ValueError if the table does
+    not match what arrived (or ``attach`` is None where one is needed)."""
     if not zframes:
         raise ValueError("empty message")
     head = memoryview(zframes[0].buffer)
@@ -472,10 +502,13 @@ def unpack_frames(zframes: Sequence[zmq.Frame]) -> list[Any]:
     if count > _MAX_FRAMES or pos > head.nbytes:
         raise ValueError("frame table larger than the message")
     frames: list[Any] = []
+    shared: list[int] = []
     large = iter(zframes[1:])
     for n in struct.unpack_from(f"<{count}Q", head, _COUNT.size):
         if n & _INLINE:
-            n &= ~_INLINE
+            if n & _SHM:
+                shared.append(len(frames))
+            n &= ~(_INLINE | _SHM)
             if pos + n > head.nbytes:
                 raise ValueError("inline frame runs past the message")
             frames.append(head[pos : pos + n])
@@ -487,6 +520,10 @@ def unpack_frames(zframes: Sequence[zmq.Frame]) -> list[Any]:
             frames.append(frame)
     if pos != head.nbytes or next(large, None) is not None:
         raise ValueError("bytes left over after the last frame")
+    if shared and attach is None:
+        raise ValueError("shared-memory frame from a rank that may not send one")
+    for i in shared:
+        frames[i] = attach(frames[i])  # type: ignore[misc]
     return frames
 
 
