@@ -389,6 +389,7 @@ def _work_wait_means_stored(ctx):
         w.wait()
         w.wait()  # idempotent
         ctx.barrier("1")
+        ctx.barrier("2")  # rank 1 has read the size
         w2 = q.put_object({"k": list(range(1000))})
         w3 = q.put_tensor(torch.ones(3))
         w3.wait()
@@ -400,6 +401,7 @@ def _work_wait_means_stored(ctx):
         return None
     ctx.barrier("1")
     counts.append(q.qsize())
+    ctx.barrier("2")
     ctx.barrier("3")
     counts.append(q.qsize())
     t = q.get_tensor(block=False)
