@@ -124,20 +124,36 @@ def _lost_rank(message: str, default: int) -> int:
     return int(head) if head.isdigit() else default
 
 
-class _RemoteGetter(Getter):
-    """A get from another rank, waiting in a storage's line."""
+class _RemoteWaiter:
+    """What a remote get and a remote bounded put share: the request they
+    answer, and their entry in ``Node._remote_waiters`` (by rank, request id)."""
 
-    __slots__ = ("node", "rank", "req_id", "storage", "timer")
+    __slots__ = ()
+    node: Node
+    rank: int
+    req_id: int
+    storage: Storage
+    timer: Any
 
-    def __init__(self, node: Node, rank: int, req_id: int, kind: ItemKind, storage: Storage):
-        super().__init__(kind)
+    def _wait_in(self, node: Node, rank: int, req_id: int, storage: Storage) -> None:
         self.node, self.rank, self.req_id, self.storage = node, rank, req_id, storage
-        self.timer: Any = None
+        self.timer = None
+        node._remote_waiters[(rank, req_id)] = self  # type: ignore[assignment]
 
     def _retire(self) -> None:
         self.node._remote_waiters.pop((self.rank, self.req_id), None)
         if self.timer is not None:
             self.timer.cancel()
+
+
+class _RemoteGetter(_RemoteWaiter, Getter):
+    """A get from another rank, waiting in a storage's line."""
+
+    __slots__ = ("node", "rank", "req_id", "storage", "timer")
+
+    def __init__(self, node: Node, rank: int, req_id: int, kind: ItemKind, storage: Storage):
+        Getter.__init__(self, kind)
+        self._wait_in(node, rank, req_id, storage)
 
     def drop(self) -> None:
         """Out of line without an answer (the requester is gone)."""
@@ -161,21 +177,15 @@ class _RemoteGetter(Getter):
             self.node.transport.send(self.rank, protocol.encode_simple(Kind.EMPTY, self.req_id))
 
 
-class _RemotePutter(Putter):
+class _RemotePutter(_RemoteWaiter, Putter):
     """A bounded put from another rank, waiting for room in a storage."""
 
     __slots__ = ("node", "rank", "req_id", "storage", "timer")
 
     def __init__(self, node: Node, rank: int, req_id: int, items: list[Item], maxsize: int,
                  storage: Storage):
-        super().__init__(items, maxsize)
-        self.node, self.rank, self.req_id, self.storage = node, rank, req_id, storage
-        self.timer: Any = None
-
-    def _retire(self) -> None:
-        self.node._remote_waiters.pop((self.rank, self.req_id), None)
-        if self.timer is not None:
-            self.timer.cancel()
+        Putter.__init__(self, items, maxsize)
+        self._wait_in(node, rank, req_id, storage)
 
     def admit(self) -> None:
         self._retire()
@@ -523,7 +533,6 @@ class Node:
         qid, maxsize, timeout, items = protocol.decode_put_bounded(msg)
         storage = self.storage(qid)
         putter = _RemotePutter(self, rank, msg.req_id, items, maxsize, storage)
-        self._remote_waiters[(rank, msg.req_id)] = putter
         if not storage.add_putter(putter, block=timeout != 0):
             putter._retire()
             self._reply_error(rank, msg.req_id, ErrorCode.FULL, f"queue full ({maxsize} items)")
@@ -543,7 +552,6 @@ class Node:
         qid, kind, timeout = protocol.decode_get(msg)
         storage = self.storage(qid)
         getter = _RemoteGetter(self, rank, msg.req_id, kind, storage)
-        self._remote_waiters[(rank, msg.req_id)] = getter
         block = timeout is None or timeout > 0
         if not storage.add_getter(getter, block):
             getter._retire()

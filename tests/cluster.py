@@ -219,3 +219,21 @@ class PeakRss:
     @property
     def growth(self) -> int:
         return self.peak - self.start
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_of(fn: Callable[[], Any]) -> tuple[str, str] | None:
+    """Call ``fn``; return ``(exception class name, message)`` or None."""
+    try:
+        fn()
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None

@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 from cluster import ends_together as _ends_together
+from cluster import error_of
 
 import moodist
 from moodist import Empty, ItemKindError
@@ -26,14 +27,6 @@ _PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 
 
 
-
-def _error(fn):
-    """Call ``fn``; return ``(exception class name, message)`` or None."""
-    try:
-        fn()
-    except Exception as e:
-        return type(e).__name__, str(e)
-    return None
 
 
 def _bad_tensors():
@@ -62,13 +55,13 @@ def _refused_tensor_puts(ctx, host, putter):
     out = {}
     if ctx.rank == putter:
         for i, bad in enumerate(_NOT_TENSORS):
-            out[f"not_tensor_{i}"] = _error(lambda bad=bad: q.put_tensor(bad))
+            out[f"not_tensor_{i}"] = error_of(lambda bad=bad: q.put_tensor(bad))
         for name, (bad, _hint) in _bad_tensors().items():
-            out[name] = _error(lambda bad=bad: q.put_tensor(bad))
+            out[name] = error_of(lambda bad=bad: q.put_tensor(bad))
         # In a transaction: refused at the txn.put_tensor call; the rest commits.
         with q.transaction() as txn:
-            out["txn_sparse"] = _error(lambda: txn.put_tensor(torch.eye(2).to_sparse()))
-            out["txn_not_tensor"] = _error(lambda: txn.put_tensor([1.0]))
+            out["txn_sparse"] = error_of(lambda: txn.put_tensor(torch.eye(2).to_sparse()))
+            out["txn_not_tensor"] = error_of(lambda: txn.put_tensor([1.0]))
             txn.put_tensor(torch.tensor([1, 2]))
         q.put_tensor(torch.tensor([3, 4])).wait()
     ctx.barrier("puts-done")
@@ -119,9 +112,9 @@ def _unpicklable_objects(ctx, host, putter):
             "after_large_tensor": [torch.ones(100_000), lambda: 2],
         }
         for name, bad in bads.items():
-            out[name] = _error(lambda bad=bad: q.put_object(bad))
+            out[name] = error_of(lambda bad=bad: q.put_object(bad))
         with q.transaction() as txn:
-            out["txn"] = _error(lambda: txn.put_object(lock))
+            out["txn"] = error_of(lambda: txn.put_object(lock))
             txn.put_object("first")
         q.put_object("second").wait()
     ctx.barrier("puts-done")
@@ -183,13 +176,13 @@ def _bad_construction(ctx):
     out = []
     for location, _expected in _BAD_LOCATIONS:
         for name in (None, "named"):
-            err = _error(lambda loc=location, n=name: moodist.Queue(g, location=loc, name=n))
+            err = error_of(lambda loc=location, n=name: moodist.Queue(g, location=loc, name=n))
             out.append(err[0] if err else None)
-    out.append(_error(lambda: moodist.Queue(g, location=0, streaming=True))[0])
-    out.append(_error(lambda: moodist.Queue(g, location=[0, 1], streaming=True))[0])
-    out.append(_error(lambda: moodist.Queue(g, location=0, streaming=True, name="s"))[0])
-    out.append(_error(lambda: moodist.Queue(g, location=0, name=""))[0])
-    out.append(_error(lambda: moodist.Queue(g, location=0, name=5))[0])
+    out.append(error_of(lambda: moodist.Queue(g, location=0, streaming=True))[0])
+    out.append(error_of(lambda: moodist.Queue(g, location=[0, 1], streaming=True))[0])
+    out.append(error_of(lambda: moodist.Queue(g, location=0, streaming=True, name="s"))[0])
+    out.append(error_of(lambda: moodist.Queue(g, location=0, name=""))[0])
+    out.append(error_of(lambda: moodist.Queue(g, location=0, name=5))[0])
     # The refusals did not upset the collective: an unnamed queue still works.
     q = moodist.Queue(g, location=1)
     if ctx.rank == 0:
@@ -212,7 +205,7 @@ def test_bad_location_streaming_and_name_raise_at_construction(cluster):
         assert after == "ok"
 
 
-def test_queue_with_unknown_group_name_raises_value_error():
+def test_queue_with_unknown_group_name_raises_valueerror_of():
     with pytest.raises(ValueError, match="no-such-group"):
         moodist.Queue("no-such-group", 0)
     with pytest.raises(ValueError):
@@ -220,7 +213,7 @@ def test_queue_with_unknown_group_name_raises_value_error():
 
 
 @pytest.mark.parametrize("group", [object(), None, 0, b"name"], ids=repr)
-def test_queue_with_a_non_group_raises_type_error(group):
+def test_queue_with_a_non_group_raises_typeerror_of(group):
     with pytest.raises(TypeError):
         moodist.Queue(group, 0)
 
@@ -266,7 +259,7 @@ def _kind_mismatch(ctx, host, getter):
                 out[f"object_{name}"] = ("ItemKindError", isinstance(e, TypeError),
                                          "get_object" in str(e))  # fmt: skip
         out["object"] = q.get_object(timeout=TIMEOUT, return_size=True)
-        out["empty"] = _error(lambda: q.get_object(block=False))
+        out["empty"] = error_of(lambda: q.get_object(block=False))
     ctx.barrier("got")
     if ctx.rank == host:
         out["left"] = q.qsize()
@@ -293,7 +286,7 @@ def test_kind_mismatch_from_a_remote_rank_leaves_the_item(cluster):
     _check_kind_mismatch({**r0, **r1})
 
 
-def test_item_kind_error_is_a_type_error():
+def test_item_kind_error_is_a_typeerror_of():
     assert issubclass(ItemKindError, TypeError)
     assert moodist.Empty is __import__("queue").Empty
 
@@ -307,10 +300,10 @@ def _bad_timeouts(ctx, host, getter):
     out = {}
     if ctx.rank == getter:
         for name, t in [("neg", -1.0), ("neg_small", -1e-9), ("neg_int", -5)]:
-            out[f"tensor_{name}"] = _error(lambda t=t: q.get_tensor(timeout=t))
-            out[f"object_{name}"] = _error(lambda t=t: q.get_object(timeout=t, return_size=True))
+            out[f"tensor_{name}"] = error_of(lambda t=t: q.get_tensor(timeout=t))
+            out[f"object_{name}"] = error_of(lambda t=t: q.get_object(timeout=t, return_size=True))
         for name, t in [("str", "1"), ("list", [1])]:
-            out[f"type_{name}"] = _error(lambda t=t: q.get_object(timeout=t))
+            out[f"type_{name}"] = error_of(lambda t=t: q.get_object(timeout=t))
         if ctx.rank == host:
             try:  # like threading's waits: a negative timeout does not wait
                 out["wait_neg"] = q.wait(timeout=-1.0)
@@ -375,7 +368,7 @@ def _nan_timeout(ctx, host, getter):
 
 
 @pytest.mark.parametrize("getter", [0, 1], ids=["local", "remote"])
-def test_nan_timeout_raises_value_error(cluster, getter):
+def test_nan_timeout_raises_valueerror_of(cluster, getter):
     out = cluster.run(_nan_timeout, 2, host=0, getter=getter)[getter]
     for kind in ("tensor", "object"):
         assert isinstance(out[kind], tuple) and out[kind][0] == "ValueError", (kind, out[kind])

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-from cluster import ends_together
+from cluster import ends_together, error_of, free_port
 
 import moodist
 
@@ -23,18 +22,6 @@ TIMEOUT = 30.0
 INIT_TIMEOUT = datetime.timedelta(seconds=30)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _error(fn):
-    try:
-        fn()
-    except Exception as e:
-        return type(e).__name__, str(e)
-    return None
 
 
 def _init(ctx, backend: str, method: str, port: int) -> None:
@@ -155,7 +142,7 @@ def _moodist_backend(ctx, method, port):
 @pytest.mark.parametrize("method", ["env", "tcp"])
 def test_init_process_group_moodist_backend(cluster, method):
     size = 3
-    out = cluster.run(_moodist_backend, size, method, _free_port(), group=False, timeout=60)
+    out = cluster.run(_moodist_backend, size, method, free_port(), group=False, timeout=60)
     for rank, o in enumerate(out):
         assert o["backend"] == "moodist"
         assert o["same_group"] is True
@@ -176,8 +163,8 @@ def _moodist_new_group(ctx, port):
         sub = dist.new_group(members, backend="moodist")
         if ctx.rank not in members:
             return {"member": False,
-                    "queue": _error(lambda: moodist.Queue(sub, location=0)),
-                    "attach": _error(lambda: moodist.process_group(sub))}
+                    "queue": error_of(lambda: moodist.Queue(sub, location=0)),
+                    "attach": error_of(lambda: moodist.process_group(sub))}
         rank, size = sub.rank(), sub.size()
         out = {"member": True, "rank": rank,
                "backend": dist.get_backend(sub), "world_backend": dist.get_backend()}
@@ -190,7 +177,7 @@ def _moodist_new_group(ctx, port):
 
 
 def test_new_group_with_the_moodist_backend(cluster):
-    out = cluster.run(_moodist_new_group, 3, _free_port(), group=False, timeout=60)
+    out = cluster.run(_moodist_new_group, 3, free_port(), group=False, timeout=60)
     assert out[1]["member"] is False
     assert out[1]["queue"][0] == "TypeError"
     assert out[1]["attach"][0] == "ValueError" and "not a member" in out[1]["attach"][1]
@@ -238,13 +225,13 @@ def _gloo_world_queues(ctx, port):
         dist.destroy_process_group()
     out["found_before_sweep"] = moodist.find_process_group(name) is attached
     # The next attach (here, one that fails: no group is live) shuts destroyed ones down.
-    out["after_destroy"] = _error(lambda: moodist.process_group(world))
+    out["after_destroy"] = error_of(lambda: moodist.process_group(world))
     out["found_after_sweep"] = moodist.find_process_group(name)
     return out
 
 
 def test_queues_on_the_world_and_a_subgroup_of_a_gloo_job(cluster):
-    out = cluster.run(_gloo_world_queues, 3, _free_port(), group=False, timeout=60)
+    out = cluster.run(_gloo_world_queues, 3, free_port(), group=False, timeout=60)
     assert [o["type"] for o in out] == ["ProcessGroup"] * 3
     assert out[0]["fan_in"] == [0, 1, 2]
     assert out[1]["remote_get"] == "to the last rank"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 import zmq
 from cluster import ends_together as _ends_together
+from cluster import error_of, free_port
 
 import moodist
 from moodist import Empty
@@ -33,18 +33,6 @@ TIMEOUT = 30.0
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _error(fn):
-    try:
-        fn()
-    except Exception as e:
-        return type(e).__name__, str(e)
-    return None
 
 
 def _round_trip(ctx, group) -> list:
@@ -122,7 +110,7 @@ def _mismatched_names(ctx, port, names):
 def _run_mismatch(cluster, names):
     suffix = uuid.uuid4().hex[:6]
     names = [n and f"{n}-{suffix}" for n in names]
-    return cluster.run(_mismatched_names, len(names), _free_port(), names, group=False,
+    return cluster.run(_mismatched_names, len(names), free_port(), names, group=False,
                        timeout=30)  # fmt: skip
 
 
@@ -211,9 +199,9 @@ def _find_and_shutdown(ctx):
     th.join(TIMEOUT)
     out["blocked_get"] = blocked.get("result", "still blocked")
     out["after"] = moodist.find_process_group(name)
-    out["put_after"] = _error(lambda: q.put_object(1))
-    out["get_after"] = _error(lambda: q.get_object(block=False))
-    out["queue_by_name_after"] = _error(lambda: moodist.Queue(name, location=0))
+    out["put_after"] = error_of(lambda: q.put_object(1))
+    out["get_after"] = error_of(lambda: q.get_object(block=False))
+    out["queue_by_name_after"] = error_of(lambda: moodist.Queue(name, location=0))
     g.shutdown()  # idempotent
     return out
 
@@ -238,7 +226,7 @@ def _context_manager(ctx):
         got = _round_trip(ctx, g)
         q = moodist.Queue(g, location=0)
         ctx.barrier("inside")
-    return got, moodist.find_process_group(name), _error(lambda: q.put_object(1))
+    return got, moodist.find_process_group(name), error_of(lambda: q.put_object(1))
 
 
 def test_group_as_a_context_manager_shuts_down(cluster):
@@ -272,7 +260,7 @@ def _tcp_store_group(ctx, port, timeouts):
     ids=["numbers", "timedeltas", "mixed"],
 )
 def test_tcp_store_builds_a_group(cluster, timeouts):
-    out = cluster.run(_tcp_store_group, 2, _free_port(), timeouts, group=False)
+    out = cluster.run(_tcp_store_group, 2, free_port(), timeouts, group=False)
     assert out[0][0] == out[1][0]
     assert out[0][1] == [0, 1]
     assert out[0][2] == out[1][2] == ["0", "1"]
@@ -280,7 +268,7 @@ def test_tcp_store_builds_a_group(cluster, timeouts):
 
 @pytest.mark.parametrize("timeout", [0.5, datetime.timedelta(seconds=0.5)], ids=["float", "td"])
 def test_tcp_store_timeout_is_honoured(timeout):
-    store = moodist.TcpStore("127.0.0.1", _free_port(), "k", 1, 0, timeout)
+    store = moodist.TcpStore("127.0.0.1", free_port(), "k", 1, 0, timeout)
     assert isinstance(store, dist.Store)
     store.set("present", "1")
     assert store.get("present") == b"1"
@@ -291,7 +279,7 @@ def test_tcp_store_timeout_is_honoured(timeout):
 
 
 def test_tcp_store_key_is_a_namespace():
-    port = _free_port()
+    port = free_port()
     a = moodist.TcpStore("127.0.0.1", port, "job-a", 2, 0, 10)
     b = moodist.TcpStore("127.0.0.1", port, "job-b", 2, 1, 10)
     a2 = moodist.TcpStore("127.0.0.1", port, "job-a", 2, 1, 10)
@@ -476,13 +464,13 @@ def test_moodist_encrypt_env_turns_encryption_on(cluster):
 
 def _mismatched_encryption(ctx, port):
     store = moodist.TcpStore("127.0.0.1", port, "enc", ctx.size, ctx.rank, 4.0)
-    error = _error(lambda: moodist.MoodistProcessGroup(store, ctx.rank, ctx.size,
+    error = error_of(lambda: moodist.MoodistProcessGroup(store, ctx.rank, ctx.size,
                                                        encrypt=ctx.rank == 1))
     ctx.barrier("tried")
     return error
 
 
 def test_ranks_must_agree_on_encryption(cluster):
-    out = cluster.run(_mismatched_encryption, 2, _free_port(), group=False, timeout=30)
+    out = cluster.run(_mismatched_encryption, 2, free_port(), group=False, timeout=30)
     for kind, message in out:
         assert kind == "ValueError" and "encrypt" in message, message
