@@ -1,0 +1,75 @@
+"""Property tests of the wire decoders (issue 4, item 3): whatever bytes
+arrive, the transport's unframing and every message decoder either return
+or raise ``ValueError`` (``ProtocolError`` is one), which the I/O thread
+turns into one log line; nothing else escapes.  The end-to-end fuzz against
+a live rank is in test_reliability.py."""
+
+from __future__ import annotations
+
+import struct
+
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moodist import protocol
+from moodist.protocol import HEADER, MAGIC, VERSION, Kind, Message
+from moodist.transport import pack_frames, unpack_frames
+
+DECODERS = [
+    protocol.decode_put, protocol.decode_put_bounded, protocol.decode_qid_items,
+    protocol.decode_get, protocol.decode_qsize, protocol.decode_error,
+    protocol.decode_item_reply, protocol.decode_size,
+]
+
+frames_strategy = st.lists(
+    st.one_of(
+        st.binary(max_size=48),
+        # plausible pieces: integers, params, manifests with random counts
+        st.builds(lambda n: struct.pack("<Q", n), st.integers(0, 2**64 - 1)),
+        st.builds(lambda k, t: struct.pack("<Bd", k, t), st.integers(0, 255), st.floats()),
+        st.builds(lambda n, t: struct.pack("<Qd", n, t), st.integers(0, 2**64 - 1), st.floats()),
+        st.builds(lambda c, k, f: struct.pack("<IBI", c, k, f), st.integers(0, 2**32 - 1),
+                  st.integers(0, 255), st.integers(0, 2**32 - 1)),
+    ),
+    max_size=7,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(frames_strategy)
+def test_every_decoder_accepts_or_raises_protocol_error(frames):
+    for decode in DECODERS:
+        try:
+            decode(Message(Kind.PUT, 1, list(frames)))
+        except protocol.ProtocolError:
+            pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 255), st.integers(0, 2**64 - 1), frames_strategy)
+def test_parse_accepts_or_raises_protocol_error(kind, req_id, frames):
+    head = HEADER.pack(MAGIC, VERSION, kind, req_id)
+    try:
+        msg = protocol.parse([head, *frames])
+    except protocol.ProtocolError:
+        assert kind not in {int(k) for k in Kind}
+        return
+    assert msg.kind == kind and msg.req_id == req_id and len(msg.frames) == len(frames)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+def test_unframing_random_bytes_raises_only_value_error(raw):
+    try:
+        unpack_frames([zmq.Frame(b) for b in raw])
+    except ValueError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=9000), max_size=5))
+def test_framing_round_trips(frames):
+    packed = pack_frames(frames)
+    assert [bytes(f) for f in unpack_frames([zmq.Frame(bytes(memoryview(p))) for p in packed])
+            ] == frames
