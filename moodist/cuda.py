@@ -13,7 +13,6 @@ Nothing here touches ``torch.cuda`` unless a CUDA tensor was given.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -22,8 +21,7 @@ from typing import Any
 import torch
 
 from .node import Future
-
-log = logging.getLogger("moodist.cuda")
+from .serialize import plain_values
 
 
 class StagedCopy:
@@ -39,11 +37,7 @@ class StagedCopy:
 
     def __init__(self, tensor: torch.Tensor) -> None:
         stream = torch.cuda.current_stream(tensor.device)
-        src = tensor.detach()
-        if src.is_conj():
-            src = src.resolve_conj()
-        if src.is_neg():
-            src = src.resolve_neg()
+        src = plain_values(tensor)
         self.source_device = tensor.device
         self.host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
         with torch.cuda.stream(stream):

@@ -203,8 +203,7 @@ class Queue:
             if len(set(specs)) != 1:
                 raise ValueError(
                     f"ranks constructed unnamed queue #{self._qid} with different "
-                f"(locations, single, maxsize): "
-                    f"{[s.decode() for s in specs]}"
+                    f"(locations, single, maxsize): {[s.decode() for s in specs]}"
                 )
             return self
         if not isinstance(name, str) or not name:
@@ -457,8 +456,7 @@ def _resolve_group(
         return group
     raise TypeError(
         f"process_group must be a MoodistProcessGroup, a torch.distributed.ProcessGroup "
-        f"or a group name, "
-        f"got {type(process_group).__name__}"
+        f"or a group name, got {type(process_group).__name__}"
     )
 
 

@@ -86,18 +86,25 @@ def tensor_meta(tensor: torch.Tensor) -> bytes:
     )
 
 
-def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 CPU view of ``tensor``'s data (a copy only where one is needed).
-
-    Non-contiguous, conjugated and negated tensors are materialised once; CUDA
-    tensors are copied to the host synchronously (the asynchronous path lives in
-    the queue layer).
-    """
+def plain_values(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, with a lazy conjugation or negation applied (a copy
+    only then): what its memory must hold on the wire."""
     t = tensor.detach()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
+    return t
+
+
+def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 CPU view of ``tensor``'s data (a copy only where one is needed).
+
+    Non-contiguous, conjugated and negated tensors are materialised once; CUDA
+    tensors are copied to the host synchronously (the asynchronous path is
+    :mod:`moodist.cuda`).
+    """
+    t = plain_values(tensor)
     if t.device.type != "cpu":
         t = t.cpu()
     return t.contiguous().reshape(-1).view(torch.uint8)

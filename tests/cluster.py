@@ -237,3 +237,15 @@ def error_of(fn: Callable[[], Any]) -> tuple[str, str] | None:
     except Exception as e:
         return type(e).__name__, str(e)
     return None
+
+
+def poll_until(cond: Callable[[], object], timeout: float = 10.0,
+               what: str = "a condition") -> None:
+    """Wait (briefly polling) until ``cond()`` is true.  Only for states the
+    public API cannot signal (a get or put waiting in line at its host, a
+    process having died), never in place of a barrier."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)

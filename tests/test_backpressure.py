@@ -12,7 +12,7 @@ import threading
 import time
 
 import torch
-from cluster import PeakRss, ends_together
+from cluster import PeakRss, ends_together, poll_until
 
 import moodist
 from moodist import Full, Queue
@@ -23,14 +23,6 @@ def _waiting_putters(q: Queue) -> int:
     the public API cannot see that a put is blocked."""
     return len(q._node.storage(q._qid)._putters)
 
-
-def _until(cond, timeout: float = 10.0, what: str = "a condition") -> None:
-    """Wait for a state the API cannot signal (a put being blocked)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -106,14 +98,14 @@ def _rank_full_then_room(ctx):
         box = {}
         thread = threading.Thread(target=lambda: box.setdefault("w", q.put_object("h2")))
         thread.start()
-        _until(lambda: _waiting_putters(q) == 1, what="the local put to block")
+        poll_until(lambda: _waiting_putters(q) == 1, what="the local put to block")
         first = q.get_object(timeout=10)
         thread.join(10)
         assert not thread.is_alive()
         result["after-get"] = [first, q.get_object(timeout=10), q.get_object(timeout=10)]
         ctx.barrier("drained")
         # Now the remote rank blocks until the host makes room.
-        _until(lambda: _waiting_putters(q) == 1, what="the remote put to block")
+        poll_until(lambda: _waiting_putters(q) == 1, what="the remote put to block")
         assert q.qsize() == 2
         result["remote-order"] = [q.get_object(timeout=10) for _ in range(3)]
         result["final-size"] = q.qsize()
@@ -159,7 +151,7 @@ def _rank_transactions(ctx):
         ctx.barrier("big-in")
         out.append(q.qsize())
         ctx.barrier("checked")
-        _until(lambda: _waiting_putters(q) == 1, what="the transaction to wait")
+        poll_until(lambda: _waiting_putters(q) == 1, what="the transaction to wait")
         out.append(q.qsize())
         got = [q.get_object(timeout=10) for _ in range(3)]
         ctx.barrier("second-in")
@@ -256,7 +248,7 @@ def _rank_shutdown_wakes_putter(ctx):
 
     thread = threading.Thread(target=blocked)
     thread.start()
-    _until(lambda: _waiting_putters(q) == 1, what="the put to block")
+    poll_until(lambda: _waiting_putters(q) == 1, what="the put to block")
     ctx.group.shutdown()
     thread.join(10)
     assert not thread.is_alive()

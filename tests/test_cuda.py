@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from cluster import ends_together
+from cluster import ends_together, poll_until
 
 import moodist
 from moodist import Queue
@@ -104,10 +104,7 @@ def _rank_order_behind_a_staged_put(ctx):
     stager.submit(copy_done.wait, lambda: q._put_now([item], True, None))
 
     def release_when_both_are_queued():
-        # (a state the API cannot signal: the stager holds the two later puts)
-        deadline = time.monotonic() + TIMEOUT
-        while len(stager._jobs) < 2 and time.monotonic() < deadline:
-            time.sleep(0.002)
+        poll_until(lambda: len(stager._jobs) >= 2, TIMEOUT, "the stager to hold both puts")
         copy_done.set()
 
     releaser = threading.Thread(target=release_when_both_are_queued)

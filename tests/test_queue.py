@@ -25,6 +25,7 @@ from collections import deque
 import pytest
 import torch
 from cluster import ends_together as _ends_together
+from cluster import poll_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,15 +60,6 @@ def _in_thread(fn, *args):
 
     return join
 
-
-def _poll(cond, timeout: float = 10.0, what: str = "a condition"):
-    """Wait (briefly polling) until ``cond()`` is true: for waiting on a state,
-    not for correctness."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
 
 
 def _waiting_getters(q: Queue) -> int:
@@ -326,13 +318,13 @@ def _getters_in_arrival_order(ctx):
     q = Queue(ctx.group, location=0)
     order = {1: 0, 2: 2, 3: 3}  # rank -> its place in line; the host's thread is 1
     if ctx.rank == 0:
-        _poll(lambda: _waiting_getters(q) == 1, what="rank 1's get to wait at the host")
+        poll_until(lambda: _waiting_getters(q) == 1, what="rank 1's get to wait at the host")
         join_local = _in_thread(q.get_object, True, 20.0)
-        _poll(lambda: _waiting_getters(q) == 2, what="the host thread's get")
+        poll_until(lambda: _waiting_getters(q) == 2, what="the host thread's get")
         ctx.publish("turn-2", "go")
-        _poll(lambda: _waiting_getters(q) == 3, what="rank 2's get")
+        poll_until(lambda: _waiting_getters(q) == 3, what="rank 2's get")
         ctx.publish("turn-3", "go")
-        _poll(lambda: _waiting_getters(q) == 4, what="rank 3's get")
+        poll_until(lambda: _waiting_getters(q) == 4, what="rank 3's get")
         for letter in "abcd":
             q.put_object(letter)
         local = join_local()

@@ -43,6 +43,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import zmq
+from cluster import poll_until
 from zmq.utils.monitor import recv_monitor_message
 
 import moodist
@@ -65,14 +66,6 @@ def _base_store(store: dist.Store) -> dist.Store:
         store = store.underlying_store
     return store
 
-
-def _poll(cond, timeout: float = 10.0, what: str = "a condition") -> None:
-    """Wait (briefly polling) until ``cond()`` is true: for waiting on a state."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 class _Call:
@@ -211,7 +204,7 @@ def _peer_loss(ctx, token):
         ctx.publish("victim-pid", str(os.getpid()))
         ctx.barrier("drained")
         # Die once both remote gets and rank 0's bounded put wait in line here.
-        _poll(lambda: len(g.node._remote_waiters) == 3, TIMEOUT, "gets and a put to wait")
+        poll_until(lambda: len(g.node._remote_waiters) == 3, TIMEOUT, "gets and a put to wait")
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable")
 
@@ -222,7 +215,7 @@ def _peer_loss(ctx, token):
         blocked_put = _Call(lambda: dead_bounded.put_object("waits for room"))
     else:
         blocked = _Call(lambda: dead.get_object(timeout=TIMEOUT))
-    _poll(lambda: _process_dead(pid), TIMEOUT, "rank 2 to die")
+    poll_until(lambda: _process_dead(pid), TIMEOUT, "rank 2 to die")
     t_dead = time.monotonic()
     result: dict[str, object] = {}
 
@@ -720,7 +713,7 @@ def _huge_finite_timeouts(ctx):
     if rank == 1:
         assert q.get_object(timeout=10) == "warm"
         call = _Call(lambda: q.get_object(timeout=1e300))  # a local get at the host
-        _poll(lambda: call.done() or len(g.node.storage("n/huge")._getters) == 1,
+        poll_until(lambda: call.done() or len(g.node.storage("n/huge")._getters) == 1,
               TIMEOUT, "the local get")
         q.put_object("local").wait()
         out, _ = call.join(10)
@@ -734,7 +727,7 @@ def _huge_finite_timeouts(ctx):
     if rank == 0:
         call = _Call(lambda: q.get_object(timeout=1e300))  # a remote get
         # Once the GET is on its way, a put sent after it reaches the host after it.
-        _poll(lambda: call.done() or g.node._pending, TIMEOUT, "the remote get to be sent")
+        poll_until(lambda: call.done() or g.node._pending, TIMEOUT, "the remote get to be sent")
         _sync(q, "remote")
         out, _ = call.join(10)
         outcomes["remote get_object(timeout=1e300)"] = repr(out)
@@ -779,8 +772,8 @@ def _shutdown_wakes_getters(ctx):
         assert q.get_object(timeout=10) == "warm"
         ctx.barrier("getting")
         blocked = _Call(lambda: local.get_tensor())  # no timeout
-        _poll(lambda: len(g.node.storage("n/sd-local")._getters) == 1, TIMEOUT, "local get")
-        _poll(lambda: len(g.node._remote_waiters) == 1, TIMEOUT, "rank 0's get")
+        poll_until(lambda: len(g.node.storage("n/sd-local")._getters) == 1, TIMEOUT, "local get")
+        poll_until(lambda: len(g.node._remote_waiters) == 1, TIMEOUT, "rank 0's get")
         t0 = time.monotonic()
         ctx.publish("shutdown-at", repr(t0))
         g.shutdown()
