@@ -17,8 +17,8 @@ import tempfile
 
 import pytest
 import torch
-from cluster import ends_together
-from test_reliability import _hand_back, _poll, _run_with_victim, _sync, _Warnings
+from cluster import ends_together, poll_until
+from test_reliability import _hand_back, _run_with_victim, _sync, _Warnings
 
 import moodist
 from moodist import PeerLostError, Queue, protocol, shm
@@ -418,7 +418,7 @@ def _killed_mid_stream(ctx, token, victim):
                 os.kill(os.getpid(), signal.SIGKILL)
             if i == 4 and victim == 0:
                 break
-        _poll(lambda: ctx.group.node.transport.is_lost(0), 10, "rank 0 to be lost")
+        poll_until(lambda: ctx.group.node.transport.is_lost(0), 10, "rank 0 to be lost")
     _hand_back(ctx, token, (ids, dict(link.stats)))
 
 
