@@ -581,12 +581,14 @@ def _malformed(ctx):
                 transport.send(1, frames)
             _sync(q, "after hand-crafted")
             ctx.barrier("hand-crafted")
+            ctx.barrier("hand-crafted counted")  # raw noise must not be counted above
             peer = transport._peers[1]
             with peer.lock:
                 for frames in raw:
                     peer.socket.send_multipart(frames)
             _sync(q, "after raw")
             ctx.barrier("raw")
+            ctx.barrier("raw counted")
             for frames in rand:
                 transport.send(1, frames)
             with peer.lock:  # the same noise without the transport's framing
@@ -606,8 +608,10 @@ def _malformed(ctx):
             return answers
         ctx.barrier("hand-crafted")
         dropped_hand = warnings.count("dropped a message")
+        ctx.barrier("hand-crafted counted")
         ctx.barrier("raw")
         dropped_raw = warnings.count("dropped a message") - dropped_hand
+        ctx.barrier("raw counted")
         ctx.barrier("requests")
         assert g.node.transport._thread.is_alive()
         got = [q.get_object(block=False) for _ in range(5)]
