@@ -21,6 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from queue import Empty
 from typing import Any
 
 import torch.distributed as dist
@@ -249,3 +250,13 @@ def poll_until(cond: Callable[[], object], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.002)
+
+
+def drain_objects(q: Any) -> list:
+    """Take every object left in the moodist queue ``q`` without blocking."""
+    rest = []
+    while True:
+        try:
+            rest.append(q.get_object(block=False))
+        except Empty:
+            return rest

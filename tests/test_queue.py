@@ -24,8 +24,8 @@ from collections import deque
 
 import pytest
 import torch
+from cluster import drain_objects, poll_until
 from cluster import ends_together as _ends_together
-from cluster import poll_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,16 +69,6 @@ def _waiting_getters(q: Queue) -> int:
     get is blocked, and the fairness test needs a deterministic arrival order.
     """
     return len(q._node.storage(q._qid)._getters)
-
-
-def _drain(q: Queue) -> list:
-    """Take every object left in ``q`` without blocking."""
-    rest = []
-    while True:
-        try:
-            rest.append(q.get_object(block=False))
-        except Empty:
-            return rest
 
 
 def _timed(fn, *args, **kwargs):
@@ -520,7 +510,7 @@ def _remote_get_timeouts_one_getter(ctx, total, stop_at):
         result = _getter_loop(ctx, q, stop_at)
     ctx.barrier("finished")
     if ctx.rank == 0:
-        result = _drain(q)
+        result = drain_objects(q)
     return result
 
 
@@ -541,7 +531,7 @@ def _remote_get_timeouts_two_getters(ctx, total):
         result = _getter_loop(ctx, q, total)
     ctx.barrier("finished")
     if ctx.rank == 0:
-        result = _drain(q)
+        result = drain_objects(q)
     return result
 
 
@@ -687,7 +677,7 @@ def _txn_cancel(ctx):
         q.put_object("after local cancel")
     ctx.barrier("cancelled")
     if ctx.rank == 1:
-        return sorted(_drain(q))
+        return sorted(drain_objects(q))
     return None
 
 
@@ -820,7 +810,7 @@ def _named_conflict_after_drop(ctx):
         Queue(g, location=[0, 1], name="temp")
     ctx.barrier("put")
     if ctx.rank == 0:
-        return sorted(_drain(Queue(g, location=0, name="temp")))
+        return sorted(drain_objects(Queue(g, location=0, name="temp")))
     return "ok"
 
 
@@ -1125,7 +1115,7 @@ def _run_concurrent(ctx, host, plans):
     if last is not None:
         last.wait()
     ctx.barrier("done")
-    rest = _drain(q) if ctx.rank == host else []
+    rest = drain_objects(q) if ctx.rank == host else []
     return [got, rest, seq]
 
 

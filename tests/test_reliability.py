@@ -43,7 +43,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import zmq
-from cluster import poll_until
+from cluster import drain_objects, poll_until
 from zmq.utils.monitor import recv_monitor_message
 
 import moodist
@@ -726,7 +726,7 @@ def _huge_finite_timeouts(ctx):
         q.put_object("for wait").wait()
         out, _ = _bounded(lambda: q.wait(timeout=1e300), 10)  # the queue is not empty
         outcomes["local wait(timeout=1e300)"] = repr(out)
-        _drain_objects(q)
+        drain_objects(q)
     ctx.barrier("local")
     if rank == 0:
         call = _Call(lambda: q.get_object(timeout=1e300))  # a remote get
@@ -738,15 +738,6 @@ def _huge_finite_timeouts(ctx):
         outcomes["left at the host after the remote get"] = q.qsize()
     ctx.barrier("end")
     return outcomes
-
-
-def _drain_objects(q: Queue) -> list:
-    rest = []
-    while True:
-        try:
-            rest.append(q.get_object(block=False))
-        except Empty:
-            return rest
 
 
 def test_gets_with_huge_finite_timeouts_wait_and_lose_nothing(cluster):
