@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .node import Future
+from .futures import Future
 from .serialize import plain_values
 
 

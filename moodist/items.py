@@ -1,21 +1,51 @@
-"""Queue items: tensors and objects in wire form (:class:`~moodist.protocol.Item`).
+"""Queue items: what a queue holds, in wire form, and the conversions to and from it.
 
-Buffer ownership: an Item made by :func:`tensor_item` with ``snapshot=False``
+An :class:`Item` is a tensor or an object as frames (buffers):
+
+* a tensor: ``[tensor header, data]`` (:func:`moodist.serialize.tensor_meta`);
+* an object: ``[pickle, *out-of-band buffers]`` (:func:`moodist.serialize.dumps`).
+
+Buffer ownership: an item made by :func:`tensor_item` with ``snapshot=False``
 aliases the caller's tensor (the caller must not modify it until the put is
-acknowledged); with ``snapshot=True`` it owns a private copy.  Items decoded
-by :func:`to_tensor`/:func:`to_object` hand their buffers to the result
-without a copy unless the item is ``shared`` (its buffers may still be on the
-wire to another rank), in which case the result gets its own copy.
+acknowledged); with ``snapshot=True`` it owns a private copy.  :func:`decode`
+hands an item's buffers to the result without a copy unless the item is
+``shared`` (its buffers may still be on the wire to another rank), in which
+case the result gets its own copy.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import torch
 
 from . import serialize
-from .protocol import Item, ItemKind
+from .errors import ItemDecodeError
+
+
+class ItemKind(enum.IntEnum):
+    TENSOR = 1
+    OBJECT = 2
+
+
+class Item:
+    """One queue entry in wire form: its kind and its frames (buffers).
+
+    Frames are zmq.Frame, bytes, memoryview or numpy arrays; whoever holds
+    the Item holds them alive.  ``shared`` marks frames that may still be on
+    the wire to another rank (multicast): a getter must copy them.
+    """
+
+    __slots__ = ("kind", "frames", "shared")
+
+    def __init__(self, kind: ItemKind, frames: list[Any], shared: bool = False) -> None:
+        self.kind = kind
+        self.frames = frames
+        self.shared = shared
+
+    def __repr__(self) -> str:
+        return f"Item({self.kind.name}, {len(self.frames)} frames)"
 
 
 def tensor_item(tensor: torch.Tensor, snapshot: bool) -> Item:
@@ -37,20 +67,32 @@ def object_item(obj: Any) -> Item:
     return Item(ItemKind.OBJECT, serialize.dumps(obj, snapshot=True))
 
 
-def to_tensor(item: Item) -> torch.Tensor:
-    meta, data = item.frames
-    return serialize.tensor_from_buffer(_bytes(meta), _copy(data) if item.shared else data)
+def decode(item: Item) -> Any:
+    """The tensor or object ``item`` holds.  Raises ItemDecodeError, carrying
+    the item's bytes, if it cannot be rebuilt here."""
+    try:
+        if item.kind is ItemKind.TENSOR:
+            meta, data = item.frames
+            return serialize.tensor_from_buffer(_bytes(meta), _copy(data) if item.shared else data)
+        frames = item.frames
+        if item.shared:
+            frames = [frames[0], *(_copy(f) for f in frames[1:])]
+        return serialize.loads(frames)
+    except Exception as e:
+        what = "tensor" if item.kind is ItemKind.TENSOR else "object"
+        raise ItemDecodeError(
+            f"the {what} taken from the queue could not be decoded on this rank "
+            f"({type(e).__name__}: {e}); it is consumed, and its raw bytes are in "
+            f"this error's .frames", what, [bytes(_view(f)) for f in item.frames],
+        ) from e
 
 
-def to_object(item: Item) -> Any:
-    frames = item.frames
-    if item.shared:
-        frames = [frames[0], *(_copy(f) for f in frames[1:])]
-    return serialize.loads(frames)
+def _view(frame: Any) -> memoryview:
+    return memoryview(getattr(frame, "buffer", frame)).cast("B")
 
 
 def _copy(frame: Any) -> bytearray:
-    return bytearray(memoryview(getattr(frame, "buffer", frame)))
+    return bytearray(_view(frame))
 
 
 def _aliases(data: torch.Tensor, tensor: torch.Tensor) -> bool:

@@ -1,49 +1,56 @@
-"""The wire protocol: every message kind, its frames, one encoder and one decoder.
+"""The node's messages: every kind, its frames, one encoder and one decoder.
 
-A message is a list of zmq frames.  Frame 0 is a fixed 12-byte header::
+Messages travel on the transport's exactly-once, in-order channel between two
+ranks (:mod:`moodist.channel`), so no kind needs its own retries or duplicate
+checks.  Frame 0 of every message is a fixed header::
 
-    magic b"MQ" | version u8 | kind u8 | request id u64
+    kind u8 | request id u64
 
-Every request carries a request id, unique per sender; its reply (ACK, ERROR,
-ITEM, EMPTY, SIZE) carries the same id.  Single-location PUTs are acknowledged
-cumulatively: ``ACK_UPTO n`` says every such PUT from the receiver to the
-sender of the ACK_UPTO with an id <= n is stored (ids are assigned in send
-order per peer, and each pair of ranks keeps order), so a stream of puts costs
-one acknowledgement per batch the host reads, not one per put.
-
+A request carries an id unique per sender; its reply carries the same id.
 The remaining frames depend on the kind:
 
-===========  ===========================================  =================  ======================
-kind         frames after the header                      sent by            reply
-===========  ===========================================  =================  ======================
-PUT          qid, route, manifest, item frames...         putter -> host     ACK_UPTO | ACK | ERROR
-PUT_BOUNDED  qid, bound params, manifest, item frames...  putter -> host     ACK | ERROR
-FANOUT       qid, manifest, item frames...                sequencer -> copy  ACK | ERROR
-GET          qid, get params                              getter -> host     ITEM | EMPTY | ERROR
-CANCEL       (none; the id is the request's)              requester -> host  (the request's)
-RETURN       qid, manifest, item frames...                getter -> host     none
-QSIZE        qid, wait params                             any -> host        SIZE | ERROR
+===========  ===============================================  ===============  ================
+kind         frames after the header                          sent by          answered by
+===========  ===============================================  ===============  ================
+PUT          qid, spec, route, manifest, item frames...       putter -> host   (note 1)
+PUT_BOUNDED  qid, spec, bound params, manifest, item frames   putter -> host   ACK | ERROR
+FANOUT       qid, spec, manifest, item frames...              sequencer->copy  (note 1)
+GET          qid, spec, get params                            getter -> host   ITEM|EMPTY|ERROR
+CANCEL       (none; the id is the request's)                  requester->host  (the request's)
+CONFIRM      (none; the id is the GET's)                      getter -> host   none
+RETURN       (none; the id is the GET's)                      getter -> host   none
+QSIZE        qid, spec, wait params                           any -> host      SIZE | ERROR
 ACK          (none)
-ACK_UPTO     (none; the id is the highest stored)         host -> putter
 ERROR        error code u8 + utf-8 message
-ITEM         queue size u64, manifest, item frames...
+ITEM         queue size u64, manifest, item frames
 EMPTY        (none)
 SIZE         queue size u64
-PING         (none)                                       liveness probe     PONG
-PONG         (none)
-===========  ===========================================  =================  ======================
+===========  ===============================================  ===============  ================
 
-``qid`` is the queue's key (utf-8).  ``route`` lists the ranks a multicast put
-fans out to (empty for a single-location queue).  A PUT_BOUNDED (a put to a
-queue with a ``maxsize``) is held at the host, without being stored, until the
-queue has room or its timeout expires; it is answered ACK once stored, or
-ERROR FULL.  ``manifest`` says how the following frames split into items: a
-count, then per item its kind and frame count.  An item is a :class:`Item`: a
-tensor is ``[tensor header, data]``, an object is ``[pickle, *out-of-band
-buffers]``.
+Note 1: a single-location PUT and a FANOUT are complete when the channel
+acknowledges them (the host stores on receipt), unless an ERROR for them
+arrives first (the host sends it before that acknowledgement).  A multicast
+PUT (non-empty ``route``, sent to its sequencer ``route[0]``) is answered ACK
+once every copy has stored it, or ERROR.
 
-Decoders raise :class:`ProtocolError` on anything malformed; the transport
-drops such messages with a log line.
+Leases: an ITEM hands the item to the getter's rank, but the host keeps it
+until that rank sends CONFIRM (its get returned it) or RETURN (its get gave up
+first: the item goes back to the head of its queue).  If the getter's rank is
+lost first, the host puts the item back too.  So an item leaves its host only
+into a get that returns it.
+
+``qid`` is the queue's key (utf-8).  ``spec`` describes the queue as the sender
+constructed it (location, maxsize): a host that knows the queue with another
+spec answers ERROR QUEUE_MISMATCH.  ``route`` lists the ranks a multicast put
+fans out to.  A PUT_BOUNDED (a put to a queue with a ``maxsize``) waits at the
+host, not stored, until the queue has room or its timeout expires; it is
+answered ACK once stored, or ERROR FULL.  ``manifest`` says how the following
+frames split into items: a count, then per item its kind and frame count (an
+item is a :class:`~moodist.items.Item`).
+
+Decoders raise :class:`ProtocolError` on anything malformed; the node answers
+a malformed request with ERROR BAD_REQUEST, and drops anything else with a log
+line.
 """
 
 from __future__ import annotations
@@ -51,12 +58,12 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-MAGIC = b"MQ"
-VERSION = 1
-HEADER = struct.Struct("<2sBBQ")
+from .framing import LostFrame
+from .items import Item, ItemKind
+
+HEADER = struct.Struct("<BQ")
 _U64 = struct.Struct("<Q")
 _GET_PARAMS = struct.Struct("<Bd")  # wanted item kind, timeout (s; <0 forever, 0 poll)
 _WAIT_PARAMS = struct.Struct("<Bd")  # wait for an item?, timeout (s)
@@ -80,23 +87,19 @@ class Kind(enum.IntEnum):
     RETURN = 5
     QSIZE = 6
     PUT_BOUNDED = 7
+    CONFIRM = 8
     ACK = 16
     ERROR = 17
     ITEM = 18
     EMPTY = 19
     SIZE = 20
-    ACK_UPTO = 21
-    PING = 32
-    PONG = 33
 
 
-class ItemKind(enum.IntEnum):
-    TENSOR = 1
-    OBJECT = 2
+REQUESTS = frozenset(k for k in Kind if k < Kind.ACK)
 
 
 class ErrorCode(enum.IntEnum):
-    """Why a request failed; mapped to an exception class by the caller."""
+    """Why a request failed; mapped to an exception class by the requester."""
 
     BAD_REQUEST = 1
     KIND_MISMATCH = 2
@@ -110,44 +113,34 @@ _KINDS = {k.value: k for k in Kind}
 _ITEM_KINDS = {k.value: k for k in ItemKind}
 
 
-@dataclass(slots=True)
-class Item:
-    """One queue entry in wire form: its kind and its frames (buffers).
-
-    Frames are zmq.Frame, bytes, memoryview or numpy arrays; whoever holds
-    the Item holds them alive.  ``shared`` marks frames that may still be on
-    the wire to another rank (multicast): a getter must copy them.
-    """
-
-    kind: ItemKind
-    frames: list[Any]
-    shared: bool = False
-
-
-@dataclass(slots=True)
-class Message:
+class Message(NamedTuple):
     kind: Kind
     req_id: int
     frames: list[Any]  # everything after the header
+
+
+class QueueRef(NamedTuple):
+    """The queue a request is about: its key and its spec as the sender sees it."""
+
+    qid: str
+    spec: str
 
 
 # ----------------------------------------------------------------------------- framing
 
 
 def header(kind: Kind, req_id: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, kind, req_id)
+    return HEADER.pack(kind, req_id)
 
 
 def parse(frames: Sequence[Any]) -> Message:
     """Split a received message into kind, request id and the rest."""
     if not frames:
         raise ProtocolError("empty message")
-    head = getattr(frames[0], "buffer", frames[0])
-    if len(head) != HEADER.size:
+    head = frames[0]
+    if isinstance(head, LostFrame) or len(head) != HEADER.size:
         raise ProtocolError(f"header of {len(head)} bytes")
-    magic, version, code, req_id = HEADER.unpack(head)
-    if magic != MAGIC or version != VERSION:
-        raise ProtocolError("bad magic or version")
+    code, req_id = HEADER.unpack(head)
     kind = _KINDS.get(code)  # (a dict: Kind(code) costs more, on every message)
     if kind is None:
         raise ProtocolError(f"unknown message kind {code}")
@@ -155,6 +148,8 @@ def parse(frames: Sequence[Any]) -> Message:
 
 
 def _bytes(frame: Any) -> bytes:
+    if isinstance(frame, LostFrame):
+        raise ProtocolError(f"a frame of this message was lost: {frame.reason}")
     return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
 
 
@@ -164,14 +159,18 @@ def _expect(msg: Message, at_least: int, at_most: int | None = None) -> None:
         raise ProtocolError(f"{msg.kind.name} with {n} frames")
 
 
-def _qid(frame: Any) -> str:
+def _text(frame: Any, what: str, allow_empty: bool = False) -> str:
     raw = _bytes(frame)
-    if not raw or len(raw) > MAX_QID:
-        raise ProtocolError("bad queue id")
+    if (not raw and not allow_empty) or len(raw) > MAX_QID:
+        raise ProtocolError(f"bad {what}")
     try:
         return raw.decode()
     except UnicodeDecodeError:
-        raise ProtocolError("queue id is not utf-8") from None
+        raise ProtocolError(f"{what} is not utf-8") from None
+
+
+def _queue(msg: Message) -> QueueRef:
+    return QueueRef(_text(msg.frames[0], "queue id"), _text(msg.frames[1], "queue spec", True))
 
 
 def _u64(frame: Any) -> int:
@@ -179,6 +178,16 @@ def _u64(frame: Any) -> int:
     if len(raw) != _U64.size:
         raise ProtocolError("bad integer frame")
     return _U64.unpack(raw)[0]
+
+
+def _wire_timeout(timeout: float | None) -> float:
+    return -1.0 if timeout is None else max(0.0, timeout)
+
+
+def _timeout(wire: float) -> float | None:
+    if wire != wire:  # NaN
+        raise ProtocolError("bad timeout")
+    return None if wire < 0 or wire == float("inf") else wire
 
 
 # ----------------------------------------------------------------------------- items
@@ -207,18 +216,21 @@ def decode_items(frames: Sequence[Any]) -> list[Item]:
     items = []
     pos = 1
     for i in range(count):
-        kind, nframes = _MANIFEST_ENTRY.unpack_from(
+        code, nframes = _MANIFEST_ENTRY.unpack_from(
             manifest, _MANIFEST_HEAD.size + i * _MANIFEST_ENTRY.size
         )
-        code, kind = kind, _ITEM_KINDS.get(kind)
+        kind = _ITEM_KINDS.get(code)
         if kind is None:
             raise ProtocolError(f"unknown item kind {code}")
-        expected_frames = 2 if kind is ItemKind.TENSOR else None
-        if nframes < 1 or (expected_frames is not None and nframes != expected_frames):
+        if nframes < 1 or (kind is ItemKind.TENSOR and nframes != 2):
             raise ProtocolError("wrong frame count for item")
         if pos + nframes > len(frames):
             raise ProtocolError("manifest promises more frames than sent")
-        items.append(Item(kind, list(frames[pos : pos + nframes])))
+        item_frames = list(frames[pos : pos + nframes])
+        for frame in item_frames:
+            if isinstance(frame, LostFrame):
+                raise ProtocolError(f"a frame of this item was lost: {frame.reason}")
+        items.append(Item(kind, item_frames))
         pos += nframes
     if pos != len(frames):
         raise ProtocolError("frames left over after the last item")
@@ -228,95 +240,87 @@ def decode_items(frames: Sequence[Any]) -> list[Item]:
 # ----------------------------------------------------------------------------- requests
 
 
-def encode_put(req_id: int, qid: str, route: Sequence[int], items: Sequence[Item]) -> list[Any]:
+def encode_put(req_id: int, ref: QueueRef, route: Sequence[int],
+               items: Sequence[Item]) -> list[Any]:
     route_frame = b"".join(_ROUTE_ENTRY.pack(r) for r in route)
-    return [header(Kind.PUT, req_id), qid.encode(), route_frame, *encode_items(items)]
-
-
-def decode_put(msg: Message) -> tuple[str, list[int], list[Item]]:
-    _expect(msg, 3)
-    route_raw = _bytes(msg.frames[1])
-    if len(route_raw) % _ROUTE_ENTRY.size:
-        raise ProtocolError("bad route")
-    route = [r for (r,) in _ROUTE_ENTRY.iter_unpack(route_raw)]
-    return _qid(msg.frames[0]), route, decode_items(msg.frames[2:])
-
-
-def encode_put_bounded(req_id: int, qid: str, maxsize: int, timeout: float | None,
-                       items: Sequence[Item]) -> list[Any]:
-    t = -1.0 if timeout is None else max(0.0, timeout)
-    return [header(Kind.PUT_BOUNDED, req_id), qid.encode(), _BOUND_PARAMS.pack(maxsize, t),
+    return [header(Kind.PUT, req_id), ref.qid.encode(), ref.spec.encode(), route_frame,
             *encode_items(items)]
 
 
-def decode_put_bounded(msg: Message) -> tuple[str, int, float | None, list[Item]]:
-    _expect(msg, 3)
-    raw = _bytes(msg.frames[1])
+def decode_put(msg: Message) -> tuple[QueueRef, list[int], list[Item]]:
+    _expect(msg, 4)
+    route_raw = _bytes(msg.frames[2])
+    if len(route_raw) % _ROUTE_ENTRY.size:
+        raise ProtocolError("bad route")
+    route = [r for (r,) in _ROUTE_ENTRY.iter_unpack(route_raw)]
+    return _queue(msg), route, decode_items(msg.frames[3:])
+
+
+def encode_put_bounded(req_id: int, ref: QueueRef, maxsize: int, timeout: float | None,
+                       items: Sequence[Item]) -> list[Any]:
+    return [header(Kind.PUT_BOUNDED, req_id), ref.qid.encode(), ref.spec.encode(),
+            _BOUND_PARAMS.pack(maxsize, _wire_timeout(timeout)), *encode_items(items)]
+
+
+def decode_put_bounded(msg: Message) -> tuple[QueueRef, int, float | None, list[Item]]:
+    _expect(msg, 4)
+    raw = _bytes(msg.frames[2])
     if len(raw) != _BOUND_PARAMS.size:
         raise ProtocolError("bad PUT_BOUNDED parameters")
     maxsize, timeout = _BOUND_PARAMS.unpack(raw)
-    if maxsize < 1 or timeout != timeout:
-        raise ProtocolError("bad maxsize or timeout in PUT_BOUNDED")
-    return _qid(msg.frames[0]), maxsize, _timeout(timeout), decode_items(msg.frames[2:])
+    if maxsize < 1:
+        raise ProtocolError("bad maxsize in PUT_BOUNDED")
+    return _queue(msg), maxsize, _timeout(timeout), decode_items(msg.frames[3:])
 
 
-def encode_fanout(req_id: int, qid: str, items: Sequence[Item]) -> list[Any]:
-    return [header(Kind.FANOUT, req_id), qid.encode(), *encode_items(items)]
+def encode_fanout(req_id: int, ref: QueueRef, items: Sequence[Item]) -> list[Any]:
+    return [header(Kind.FANOUT, req_id), ref.qid.encode(), ref.spec.encode(),
+            *encode_items(items)]
 
 
-def encode_return(qid: str, item: Item) -> list[Any]:
-    return [header(Kind.RETURN, 0), qid.encode(), *encode_items([item])]
+def decode_fanout(msg: Message) -> tuple[QueueRef, list[Item]]:
+    _expect(msg, 3)
+    return _queue(msg), decode_items(msg.frames[2:])
 
 
-def decode_qid_items(msg: Message) -> tuple[str, list[Item]]:
-    """For FANOUT and RETURN."""
-    _expect(msg, 2)
-    return _qid(msg.frames[0]), decode_items(msg.frames[1:])
+def encode_get(req_id: int, ref: QueueRef, kind: ItemKind, timeout: float | None) -> list[Any]:
+    return [header(Kind.GET, req_id), ref.qid.encode(), ref.spec.encode(),
+            _GET_PARAMS.pack(kind, _wire_timeout(timeout))]
 
 
-def encode_get(req_id: int, qid: str, kind: ItemKind, timeout: float | None) -> list[Any]:
-    t = -1.0 if timeout is None else max(0.0, timeout)
-    return [header(Kind.GET, req_id), qid.encode(), _GET_PARAMS.pack(kind, t)]
-
-
-def decode_get(msg: Message) -> tuple[str, ItemKind, float | None]:
-    _expect(msg, 2, 2)
-    raw = _bytes(msg.frames[1])
+def decode_get(msg: Message) -> tuple[QueueRef, ItemKind, float | None]:
+    _expect(msg, 3, 3)
+    raw = _bytes(msg.frames[2])
     if len(raw) != _GET_PARAMS.size:
         raise ProtocolError("bad GET parameters")
-    kind, timeout = _GET_PARAMS.unpack(raw)
-    try:
-        kind = ItemKind(kind)
-    except ValueError:
-        raise ProtocolError("bad item kind in GET") from None
-    if timeout != timeout:  # NaN
-        raise ProtocolError("bad timeout in GET")
-    return _qid(msg.frames[0]), kind, _timeout(timeout)
+    code, timeout = _GET_PARAMS.unpack(raw)
+    kind = _ITEM_KINDS.get(code)
+    if kind is None:
+        raise ProtocolError("bad item kind in GET")
+    return _queue(msg), kind, _timeout(timeout)
 
 
-def encode_qsize(req_id: int, qid: str, wait: bool, timeout: float | None) -> list[Any]:
-    t = -1.0 if timeout is None else max(0.0, timeout)
-    return [header(Kind.QSIZE, req_id), qid.encode(), _WAIT_PARAMS.pack(wait, t)]
+def encode_qsize(req_id: int, ref: QueueRef, wait: bool, timeout: float | None) -> list[Any]:
+    return [header(Kind.QSIZE, req_id), ref.qid.encode(), ref.spec.encode(),
+            _WAIT_PARAMS.pack(wait, _wire_timeout(timeout))]
 
 
-def decode_qsize(msg: Message) -> tuple[str, bool, float | None]:
-    _expect(msg, 2, 2)
-    raw = _bytes(msg.frames[1])
+def decode_qsize(msg: Message) -> tuple[QueueRef, bool, float | None]:
+    _expect(msg, 3, 3)
+    raw = _bytes(msg.frames[2])
     if len(raw) != _WAIT_PARAMS.size:
         raise ProtocolError("bad QSIZE parameters")
     wait, timeout = _WAIT_PARAMS.unpack(raw)
-    if timeout != timeout:
-        raise ProtocolError("bad timeout in QSIZE")
-    return _qid(msg.frames[0]), bool(wait), _timeout(timeout)
-
-
-def _timeout(wire: float) -> float | None:
-    return None if wire < 0 or wire == float("inf") else wire
+    return _queue(msg), bool(wait), _timeout(timeout)
 
 
 def encode_simple(kind: Kind, req_id: int) -> list[Any]:
-    """CANCEL, ACK, ACK_UPTO, EMPTY, PING, PONG: the header alone."""
+    """CANCEL, CONFIRM, RETURN, ACK, EMPTY: the header alone."""
     return [header(kind, req_id)]
+
+
+def expect_simple(msg: Message) -> None:
+    _expect(msg, 0, 0)
 
 
 # ----------------------------------------------------------------------------- replies

@@ -21,9 +21,11 @@ import torch.distributed as dist
 from . import items as _items
 from .cuda import StagedCopy, Stager, land, resolve_device
 from .distributed import process_group as _torch_process_group
+from .futures import Future
 from .group import MoodistProcessGroup, find_process_group
-from .node import Future, Node
-from .protocol import Item, ItemKind
+from .items import Item, ItemKind
+from .node import Node
+from .protocol import QueueRef
 from .serialize import check_tensor, tensor_meta
 
 Empty = _stdlib_queue.Empty
@@ -245,12 +247,17 @@ class Queue:
         self._single = single
         self._name = name
         self._qid = qid
+        loc = locations[0] if single else list(locations)
+        self._ref = QueueRef(qid, f"location={loc!r} maxsize={maxsize}")
         self._host = locations[0]  # for multicast: the sequencer
         self._route = () if single else locations
         rank = group.rank()
         self._local = rank in locations
         # Where this rank reads from: the host, or its own copy of a multicast queue.
         self._read_from = self._host if single else rank
+        self._node.declare(self._ref, self._local)
+        if name is None and self._local:  # nobody can name it again: free it when idle
+            weakref.finalize(self, self._node.host.forget_if_idle, qid)
 
     # ------------------------------------------------------------------ properties
 
@@ -288,7 +295,7 @@ class Queue:
         ``queue.Queue.put`` does (``block``, ``timeout``), and raises
         ``queue.Full`` if none came; the returned work is then already done.
         """
-        timeout = _check_timeout(timeout)
+        timeout = _check_blocking(block, timeout)
         check_tensor(tensor)
         if tensor.device.type == "cuda":
             return self._put_cuda(tensor, block, timeout)
@@ -300,7 +307,7 @@ class Queue:
         """Put a snapshot of ``object`` (pickled now).  Returns a QueueWork that
         does not wait when dropped.  Raises what pickling raises; nothing is
         sent then.  ``block``/``timeout``: as for put_tensor."""
-        timeout = _check_timeout(timeout)
+        timeout = _check_blocking(block, timeout)
         return QueueWork(self._put([_items.object_item(object)], block, timeout),
                          wait_on_del=False)
 
@@ -338,8 +345,8 @@ class Queue:
 
     def _put_now(self, items: list[Item], block: bool, timeout: float | None) -> Future:
         if not self._maxsize:
-            return self._node.put(self._qid, self._route, self._host, items)
-        stored = self._node.put_bounded(self._qid, self._host, items, self._maxsize,
+            return self._node.put(self._ref, self._route, self._host, items)
+        stored = self._node.put_bounded(self._ref, self._host, items, self._maxsize,
                                         timeout if block else 0.0)
         if not stored:
             raise Full(f"queue full ({self._maxsize} items at rank {self._host})")
@@ -372,25 +379,23 @@ class Queue:
         return self._get(ItemKind.OBJECT, block, timeout, return_size)
 
     def _get(self, kind: ItemKind, block: bool, timeout: float | None, return_size: bool) -> Any:
-        timeout = _check_timeout(timeout)
+        timeout = _check_blocking(block, timeout)
         if not self._single and not self._local:
             raise RuntimeError(
                 f"rank {self._group.rank()} is not in this multicast queue's location "
                 f"{list(self._locations)}: only those ranks can get from it"
             )
-        got = self._node.get(self._qid, self._read_from, kind, bool(block), timeout)
+        got = self._node.get(self._ref, self._read_from, kind, block, timeout, _items.decode)
         if got is None:
             raise Empty
-        item, size = got
-        value = _items.to_tensor(item) if kind is ItemKind.TENSOR else _items.to_object(item)
-        return (value, size) if return_size else value
+        return got if return_size else got[0]
 
     # ------------------------------------------------------------------ size
 
     def qsize(self) -> int:
         """Items in the queue now (asked of the host when it is another rank)."""
         self._check_readable("qsize")
-        return self._node.qsize(self._qid, self._read_from)
+        return self._node.qsize(self._ref, self._read_from)
 
     def empty(self) -> bool:
         return self.qsize() == 0
@@ -399,7 +404,7 @@ class Queue:
         """Block until the queue holds an item: True, or False if ``timeout`` expired."""
         timeout = _check_timeout(timeout)
         self._check_readable("wait")
-        return self._node.wait(self._qid, self._read_from, timeout)
+        return self._node.wait(self._ref, self._read_from, timeout)
 
     def _check_readable(self, what: str) -> None:
         if not self._single and not self._local:
@@ -416,7 +421,15 @@ class Queue:
                 "an unnamed moodist.Queue cannot be pickled or sent through a queue; "
                 "construct it with name=... to share a reference to it"
             )
-        return (_rebuild_queue, (self._group.moodist_name(), self.location, self._name))
+        return (_rebuild_queue,
+                (self._group.moodist_name(), self.location, self._name, self._maxsize))
+
+
+def _check_blocking(block: bool, timeout: float | None) -> float | None:
+    """``block`` must be a bool; returns the checked ``timeout``."""
+    if not isinstance(block, bool):
+        raise TypeError(f"block must be True or False, got {block!r}")
+    return _check_timeout(timeout)
 
 
 def _check_timeout(timeout: float | None) -> float | None:
@@ -431,13 +444,14 @@ def _check_timeout(timeout: float | None) -> float | None:
     return None if timeout >= threading.TIMEOUT_MAX else float(timeout)
 
 
-def _rebuild_queue(group_name: str, location: int | list[int], name: str) -> Queue:
+def _rebuild_queue(group_name: str, location: int | list[int], name: str,
+                   maxsize: int = 0) -> Queue:
     group = find_process_group(group_name)
     if group is None:
         raise ValueError(
             f"cannot rebuild queue {name!r}: no process group named {group_name!r} on this rank"
         )
-    return Queue(group, location, name=name)
+    return Queue(group, location, name=name, maxsize=maxsize)
 
 
 def _resolve_group(

@@ -10,6 +10,13 @@ line and are stored, whole, as soon as room frees.
 
 Invariants after every public method: ``items`` is empty or ``getters`` is;
 the head putter (if any) does not fit.
+
+Interruptions: a blocking call interrupted by any exception (KeyboardInterrupt,
+a signal handler's exception, an exception injected into the thread) leaves
+nothing behind: its getter or putter leaves the line, and an item already
+handed to an interrupted getter goes back to the head.  An interrupted bounded
+put was either stored or not: the exception's ``moodist_stored`` attribute
+says which.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from .errors import ItemKindError
-from .protocol import Item, ItemKind
+from .items import Item, ItemKind
 
 
 class Getter:
@@ -32,7 +39,8 @@ class Getter:
     def __init__(self, kind: ItemKind) -> None:
         self.kind = kind
 
-    def deliver(self, item: Item, size: int) -> None:
+    def deliver(self, item: Item, size: int) -> bool:
+        """Take ``item``; False refuses it (the getter is gone): it stays in the queue."""
         raise NotImplementedError
 
     def fail(self, error: BaseException) -> None:
@@ -79,8 +87,9 @@ class _LocalGetter(Getter):
         self.result: tuple[Item, int] | None = None
         self.error: BaseException | None = None
 
-    def deliver(self, item: Item, size: int) -> None:
+    def deliver(self, item: Item, size: int) -> bool:
         self.result = (item, size)
+        return True
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -91,6 +100,10 @@ class Storage:
 
     def __init__(self, qid: str) -> None:
         self.qid = qid
+        # The queue's parameters as first declared (by its host's Queue or the
+        # first request), and by which rank: others must match.
+        self.spec: str | None = None
+        self.spec_rank = -1
         self._items: deque[Item] = deque()
         self._getters: deque[Getter] = deque()
         self._putters: deque[Putter] = deque()
@@ -129,16 +142,23 @@ class Storage:
                 return False
             self._putters.append(putter)
             deadline = None if timeout is None else time.monotonic() + timeout
-            while not putter.admitted and putter.error is None:
-                if deadline is None:
-                    self._cond.wait()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        self._putters.remove(putter)
-                        self._serve()  # the next putter may fit where this one did not
-                        return False
-                    self._cond.wait(remaining)
+            try:
+                while not putter.admitted and putter.error is None:
+                    if deadline is None:
+                        self._cond.wait()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            self._putters.remove(putter)
+                            self._serve()  # the next putter may fit where this one did not
+                            return False
+                        self._cond.wait(remaining)
+            except BaseException as e:
+                if not putter.admitted and putter.error is None:
+                    self._putters.remove(putter)
+                    self._serve()
+                note_put_outcome(e, putter.admitted)
+                raise
             if putter.error is not None:
                 raise putter.error
             return True
@@ -187,18 +207,35 @@ class Storage:
             getter = _LocalGetter(kind)
             self._getters.append(getter)
             deadline = None if timeout is None else time.monotonic() + timeout
-            while getter.result is None and getter.error is None:
-                if deadline is None:
-                    self._cond.wait()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        self._getters.remove(getter)
-                        return None
-                    self._cond.wait(remaining)
+            try:
+                while getter.result is None and getter.error is None:
+                    if deadline is None:
+                        self._cond.wait()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            self._getters.remove(getter)
+                            return None
+                        self._cond.wait(remaining)
+            except BaseException:
+                self._abandon(getter)
+                raise
             if getter.error is not None:
                 raise getter.error
             return getter.result
+
+    def _abandon(self, getter: _LocalGetter) -> None:
+        """An interrupted local get: out of line, and its item (if it was
+        handed one) back to the head (under the lock)."""
+        if getter.result is not None:
+            self._items.appendleft(getter.result[0])
+            getter.result = None
+            self._serve()
+        else:
+            try:
+                self._getters.remove(getter)
+            except ValueError:
+                pass
 
     def add_getter(self, getter: Getter, block: bool) -> bool:
         """Serve ``getter`` now if an item is here; otherwise queue it when
@@ -210,8 +247,9 @@ class Storage:
                 except ItemKindError as e:
                     getter.fail(e)
                 else:
-                    getter.deliver(item, size)
-                    if self._putters:
+                    if not getter.deliver(item, size):
+                        self._items.appendleft(item)
+                    elif self._putters:
                         self._serve()
                 return True
             if not block:
@@ -227,6 +265,25 @@ class Storage:
             except ValueError:
                 return False
             return True
+
+    def check_spec(self, spec: str, rank: int) -> str | None:
+        """Adopt ``spec`` (declared by ``rank``) if none is known yet; else an
+        error message if it differs from the known one."""
+        with self._cond:
+            if self.spec is None or not spec:
+                if spec:
+                    self.spec, self.spec_rank = spec, rank
+                return None
+            if spec == self.spec:
+                return None
+            return (f"queue {self.qid[2:]!r} is {self.spec} on rank {self.spec_rank} but "
+                    f"{spec} on rank {rank}; every rank must construct a named queue with "
+                    f"the same location and maxsize")
+
+    def idle(self) -> bool:
+        """Nothing stored and nobody waiting (safe to forget)."""
+        with self._cond:
+            return not (self._items or self._getters or self._putters or self._watchers)
 
     # ------------------------------------------------------------------ size
 
@@ -319,7 +376,8 @@ class Storage:
                 except ItemKindError as e:
                     getter.fail(e)
                     continue
-                getter.deliver(item, size)
+                if not getter.deliver(item, size):
+                    self._items.appendleft(item)
             if not progressed:
                 break
             changed = True
@@ -329,6 +387,14 @@ class Storage:
                 callback(len(self._items))
         if changed or self._items:
             self._cond.notify_all()
+
+
+def note_put_outcome(error: BaseException, stored: bool) -> None:
+    """Mark ``error``, which interrupted a bounded put, with whether the put was stored."""
+    try:
+        error.moodist_stored = stored  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - exceptions without a __dict__
+        pass
 
 
 def _mismatch(have: ItemKind, want: ItemKind) -> str:

@@ -10,10 +10,16 @@ Threads:
 * One background I/O thread per transport polls the ROUTER, the ZAP
   authentication socket, peer monitors and a wake-up socket, and runs timers.
   It hands each inbound message to ``on_message(rank, frames)``, which must not
-  block, and calls ``on_batch_end()`` after each batch of inbound messages.
-  When idle it sleeps in ``zmq.poll`` (no busy polling).
+  block.  When idle it sleeps in ``zmq.poll`` (no busy polling).  An exception
+  in a callback is logged; it never stops the thread.
 * Any thread may call :meth:`Transport.send`; each DEALER has its own lock and
   is never polled, so user threads never touch a socket the I/O thread polls.
+
+Delivery: exactly once and in order per pair of ranks while both live, across
+reconnects (sequence numbers, acknowledgements and resends: see
+:mod:`moodist.channel`).  ``send(..., on_done)`` calls ``on_done(None)`` once
+the peer has handled the message, or ``on_done(error)`` if the peer is lost or
+the transport closes first.
 
 Authentication: connections are checked through a ZAP handler run by the I/O
 thread.  By default with ZMTP PLAIN: the peer's user name must be a rank of
@@ -23,18 +29,19 @@ with ZMTP CURVE instead: the peer must present the public key of a rank of
 the group, and all traffic is encrypted.  A connection that fails is never
 attached, so strangers cannot deliver a single message.
 
-Framing: callers send and receive lists of buffers ("frames").  Small ones
-(under ``INLINE_MAX`` bytes) are packed into one zmq frame behind a table of
-lengths, large ones travel as zmq frames of their own, without a copy.  A
-typical message is thus one zmq frame: libzmq's cost is per zmq frame.
+Framing: callers send and receive lists of buffers ("frames"), laid out in zmq
+frames as :mod:`moodist.framing` says.
 
 Same host: frames of at least ``MOODIST_SHM_MIN`` bytes (1 MiB) to a rank
 that shares this host's /dev/shm travel as shared-memory segments (see
 :mod:`moodist.shm`); only a small descriptor goes through zmq.
 
 Liveness: zmq heartbeats close a silent connection; a peer whose connection
-is down for longer than ``peer_timeout`` seconds is declared lost and
-``on_peer_lost(rank, reason)`` is called once.
+is down for longer than ``peer_timeout / 2`` seconds is declared lost and
+``on_peer_lost(rank, error)`` is called once, with a PeerLostError.  Both sides
+agree: the rank that declares a peer lost tells it so (LOST), drops whatever
+it sends afterwards and answers LOST again.  A rank that shuts down says BYE:
+its peers call ``on_peer_lost`` at once with a PeerLeftError, and log nothing.
 """
 
 from __future__ import annotations
@@ -54,18 +61,19 @@ import zmq
 import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
+from . import framing
+from .channel import DUPLICATE, NEW, Inbox, OnDone, Outbox
+from .errors import PeerLeftError, PeerLostError
+from .framing import INLINE_MAX, decode_body, encode_body  # noqa: F401 - INLINE_MAX re-exported
 from .shm import Link
 
 log = logging.getLogger("moodist.transport")
 
 _RANK_ID = struct.Struct("<I")
-_COUNT = struct.Struct("<I")
-INLINE_MAX = 8192
-_INLINE = 1 << 63
-_SHM = 1 << 62  # with _INLINE: the inline bytes describe a shared-memory segment
-_MAX_FRAMES = 1 << 20
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _DRAIN_BATCH = 256
+RESYNC_AFTER = 1.0  # seconds without an acknowledgement before a SYNC
+_LOST_NOTICE_EVERY = 1.0  # seconds between LOST answers to one lost peer
 _counter = itertools.count()
 
 
@@ -77,38 +85,107 @@ def _env_float(name: str, default: float) -> float:
 
 
 class _Timer:
-    __slots__ = ("deadline", "seq", "fn", "cancelled")
+    __slots__ = ("deadline", "seq", "fn", "cancelled", "_timers")
 
-    def __init__(self, deadline: float, fn: Callable[[], None]) -> None:
+    def __init__(self, deadline: float, fn: Callable[[], None], timers: _Timers) -> None:
         self.deadline = deadline
         self.seq = next(_counter)
         self.fn = fn
         self.cancelled = False
+        self._timers = timers
 
     def __lt__(self, other: _Timer) -> bool:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Never run; the timer is freed at once (not when it would have expired)."""
+        self._timers.cancel(self)
+
+
+class _Timers:
+    """A heap of timers.  Cancelled ones are removed lazily from the top, and
+    the heap is rebuilt when they are more than half of it, so a stream of
+    answered timed requests keeps it small.  Thread safe."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Timer] = []
+        self._cancelled = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._cancelled
+
+    def push(self, delay: float, fn: Callable[[], None]) -> tuple[_Timer, bool]:
+        """A new timer, and whether it is now the first to expire."""
+        timer = _Timer(time.monotonic() + max(0.0, delay), fn, self)
+        with self._lock:
+            heapq.heappush(self._heap, timer)
+            return timer, self._heap[0] is timer
+
+    def cancel(self, timer: _Timer) -> None:
+        with self._lock:
+            if timer.cancelled:
+                return
+            timer.cancelled = True
+            self._cancelled += 1
+            if self._cancelled > 32 and 2 * self._cancelled > len(self._heap):
+                self._heap = [t for t in self._heap if not t.cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+
+    def next_delay(self) -> float | None:
+        """Seconds until the first timer expires (None: no timer)."""
+        with self._lock:
+            self._drop_cancelled_top()
+            if not self._heap:
+                return None
+            return self._heap[0].deadline - time.monotonic()
+
+    def pop_due(self, now: float) -> _Timer | None:
+        with self._lock:
+            self._drop_cancelled_top()
+            if not self._heap or self._heap[0].deadline > now:
+                return None
+            timer = heapq.heappop(self._heap)
+            timer.cancelled = True  # ran: a later cancel() is a no-op
+            return timer
+
+    def _drop_cancelled_top(self) -> None:
+        while self._heap and self._heap[0].cancelled:
+            heapq.heappop(self._heap)
+            self._cancelled -= 1
 
 
 class _Peer:
-    __slots__ = ("rank", "socket", "lock", "monitor", "connected", "down_since", "lost")
+    """One other rank: our DEALER to it, and both halves of the channel with it."""
+
+    __slots__ = ("rank", "socket", "lock", "monitor", "connected", "down_since", "error",
+                 "outbox", "inbox", "tick_oldest", "lost_notice_at")
 
     def __init__(self, rank: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.rank = rank
         self.socket = socket
         self.monitor = monitor
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the socket and the outbox
         self.connected = False
         self.down_since: float | None = time.monotonic()
-        self.lost = False
+        self.error: PeerLostError | None = None  # set once lost (or left)
+        self.outbox = Outbox()
+        self.inbox = Inbox()  # I/O thread only
+        self.tick_oldest = 0  # oldest unacknowledged seq at the last resync tick
+        self.lost_notice_at = 0.0
+
+    @property
+    def lost(self) -> bool:
+        return self.error is not None
 
 
 class Transport:
-    """Authenticated, ordered messaging to the other ranks of a group.
+    """Authenticated, ordered, exactly-once messaging to the other ranks of a group.
 
-    ``on_message`` and ``on_peer_lost`` run on the I/O thread.
+    ``on_message``, ``on_peer_lost`` and the ``on_done`` callbacks of sends run
+    on the I/O thread (or the thread that closes the transport) and must not
+    block.
     """
 
     def __init__(
@@ -118,7 +195,7 @@ class Transport:
         secret: bytes,
         bind_host: str,
         on_message: Callable[[int, list[zmq.Frame]], None],
-        on_peer_lost: Callable[[int, str], None],
+        on_peer_lost: Callable[[int, PeerLostError], None],
         peer_timeout: float | None = None,
         on_batch_end: Callable[[], None] | None = None,
         curve_keypair: tuple[bytes, bytes] | None = None,
@@ -160,8 +237,10 @@ class Transport:
         self._peers: dict[int, _Peer] = {}
         self._peers_lock = threading.Lock()
         self._new_monitors: list[_Peer] = []
-        self._timers: list[_Timer] = []
-        self._timers_lock = threading.Lock()
+        self._timers = _Timers()
+        self._tick_lock = threading.Lock()
+        self._tick_armed = False  # a resync tick is scheduled
+        self._ack_due: set[_Peer] = set()  # I/O thread: peers to acknowledge after a batch
         self._closing = False  # the I/O thread is asked to stop
         self._closed = False  # sockets are being closed: nothing more is sent
         self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
@@ -187,10 +266,10 @@ class Transport:
             self.shm.connect(self.rank, shm_offers or [])
         self._thread.start()
 
-    def close(self, linger: float = 2.0) -> None:
-        """Stop the I/O thread, then close every socket, giving messages
-        already queued (acknowledgements, copies) up to ``linger`` seconds to
-        leave.  Idempotent; bounded."""
+    def close(self, error: BaseException | None = None, linger: float = 2.0) -> None:
+        """Stop the I/O thread, say BYE to every peer, fail what is still
+        unacknowledged with ``error``, then close every socket, giving messages
+        already queued up to ``linger`` seconds to leave.  Idempotent; bounded."""
         if self._closing:
             return
         self._closing = True
@@ -200,9 +279,14 @@ class Transport:
         with self._peers_lock:
             peers = list(self._peers.values())
             self._closed = True
+        error = error or ConnectionError("the transport was closed")
         for peer in peers:
             with peer.lock:  # no send is half done after this
-                pass
+                if not peer.lost:
+                    peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
+                                                  peer.inbox.handled))
+                callbacks = peer.outbox.drain()
+            _call_all(callbacks, error)
         self._ctx.destroy(linger=int(linger * 1000))
         if self.shm is not None:
             self.shm.close(grace=linger)
@@ -213,35 +297,46 @@ class Transport:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, rank: int, frames: Sequence[Any]) -> None:
+    def send(self, rank: int, frames: Sequence[Any], on_done: OnDone | None = None) -> bool:
         """Queue ``frames`` for ``rank``.  Thread safe; never blocks.
 
-        Frames at or above zmq's copy threshold are sent without a copy: zmq
-        holds a reference to the buffer until the bytes are on the wire.
-        Silently does nothing after close or once ``rank`` is lost (pending
-        operations are failed through ``on_peer_lost``).
+        Returns False (and never calls ``on_done``) if ``rank`` is lost or
+        the transport is closed.  Otherwise ``on_done`` (if given) is called
+        exactly once: with None once ``rank`` has handled the message, or with
+        the error if it is lost or this transport closes first.  Messages to
+        one rank are handled in the order their ``send`` calls took the peer's
+        lock.  Frames at or above zmq's copy threshold are sent without a copy
+        (zmq and the outbox hold a reference until acknowledged): do not
+        modify them until then.
         """
         peer = self._peers.get(rank) or self._connect(rank)
-        if peer is None or peer.lost:
-            return
-        packed = pack_frames(frames, self._exporter(rank))
+        if peer is None or peer.error is not None:
+            return False
+        body, large = encode_body(frames, self._exporter(rank))
+        with peer.lock:
+            if self._closed or peer.error is not None:
+                return False
+            outbox = peer.outbox
+            seq = outbox.add(body, large, on_done)
+            ack = peer.inbox.ack_sent = peer.inbox.handled
+            peer.socket.send_multipart([framing.head(framing.DATA, seq, ack) + body, *large],
+                                       copy=False)
+            arm = len(outbox.unacked) == 1
+        if arm and not self._tick_armed:
+            self._arm_tick()
+        return True
+
+    def lost_error(self, rank: int) -> PeerLostError | None:
+        """The error ``rank`` was lost (or left) with, or None if it is not."""
+        peer = self._peers.get(rank)
+        return None if peer is None else peer.error
+
+    def _send_control(self, peer: _Peer, control: int, seq: int = 0) -> None:
         with peer.lock:
             if self._closed:
                 return
-            peer.socket.send_multipart(packed, copy=False)
-
-    def send_ordered(self, rank: int, build: Callable[[], Sequence[Any]]) -> bool:
-        """Like :meth:`send`, but ``build()`` makes the frames under the peer's
-        send lock, so whatever it numbers goes on the wire in that order.
-        Returns False (without calling ``build``) if nothing can be sent."""
-        peer = self._peers.get(rank) or self._connect(rank)
-        if peer is None or peer.lost:
-            return False
-        with peer.lock:
-            if self._closed:
-                return False
-            peer.socket.send_multipart(pack_frames(build(), self._exporter(rank)), copy=False)
-        return True
+            ack = peer.inbox.ack_sent = peer.inbox.handled
+            peer.socket.send(framing.head(control, seq, ack))
 
     def _exporter(self, rank: int) -> Callable[[Any, int], bytes | None] | None:
         return None if self.shm is None else self.shm.exporter(rank)
@@ -287,10 +382,7 @@ class Transport:
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
         """Run ``fn`` on the I/O thread after ``delay`` seconds; ``.cancel()`` it."""
-        timer = _Timer(time.monotonic() + max(0.0, delay), fn)
-        with self._timers_lock:
-            heapq.heappush(self._timers, timer)
-            first = self._timers[0] is timer
+        timer, first = self._timers.push(delay, fn)
         if first and threading.current_thread() is not self._thread:
             self._wake()
         return timer
@@ -302,6 +394,35 @@ class Transport:
             except zmq.ZMQError:
                 pass
 
+    def _arm_tick(self) -> None:
+        with self._tick_lock:
+            if self._tick_armed or self._closing:
+                return
+            self._tick_armed = True
+        self.call_later(RESYNC_AFTER, self._resync_tick)
+
+    def _resync_tick(self) -> None:
+        """While messages wait for acknowledgements: SYNC every peer whose
+        oldest one has not moved since the last tick (its last messages may
+        be lost without a reconnect to tell)."""
+        with self._tick_lock:
+            self._tick_armed = False  # a send from now on arms the next tick
+        pending = False
+        with self._peers_lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            with peer.lock:
+                oldest, last = peer.outbox.oldest(), peer.outbox.last_sent
+            if not oldest or peer.lost:
+                peer.tick_oldest = 0
+                continue
+            pending = True
+            if oldest == peer.tick_oldest:
+                self._send_control(peer, framing.SYNC, last)
+            peer.tick_oldest = oldest
+        if pending:
+            self._arm_tick()
+
     # ------------------------------------------------------------------ I/O thread
 
     def _run(self) -> None:
@@ -310,8 +431,8 @@ class Transport:
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         monitors: dict[zmq.Socket, _Peer] = {}
-        try:
-            while not self._closing:
+        while not self._closing:
+            try:
                 with self._peers_lock:
                     for peer in self._new_monitors:
                         poller.register(peer.monitor, zmq.POLLIN)
@@ -329,34 +450,25 @@ class Transport:
                     self._drain(sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
                 if self._router in events:
                     self._drain_router()
-                    self._on_batch_end()
                 self._run_timers()
-        except zmq.ContextTerminated:
-            pass
-        except Exception:  # pragma: no cover - a bug; keep the process alive
-            log.exception("moodist I/O thread crashed")
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # a bug: say so, and keep serving
+                log.exception("moodist: error on the I/O thread (it keeps running)")
 
     def _poll_timeout_ms(self) -> int:
-        with self._timers_lock:
-            while self._timers and self._timers[0].cancelled:
-                heapq.heappop(self._timers)
-            if not self._timers:
-                return -1
-            delay = self._timers[0].deadline - time.monotonic()
+        delay = self._timers.next_delay()
+        if delay is None:
+            return -1
         return max(0, int(min(delay, 3600.0) * 1000) + 1)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        while True:
-            with self._timers_lock:
-                if not self._timers or self._timers[0].deadline > now:
-                    return
-                timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
-                try:
-                    timer.fn()
-                except Exception:
-                    log.exception("moodist timer failed")
+        while (timer := self._timers.pop_due(now)) is not None:
+            try:
+                timer.fn()
+            except Exception:
+                log.exception("moodist timer failed")
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None]) -> None:
         for _ in range(_DRAIN_BATCH):
@@ -376,26 +488,103 @@ class Transport:
                 batch.append(self._router.recv_multipart(zmq.NOBLOCK, copy=False))
             except zmq.Again:
                 break
-        for frames in batch:
-            self._dispatch(frames)
+        try:
+            for frames in batch:
+                self._dispatch(frames)
+        finally:
+            self._send_acks()
+            self._on_batch_end()
 
-    def _dispatch(self, frames: list[zmq.Frame]) -> None:
-        routing_id, body = frames[0], frames[1:]
+    def _send_acks(self) -> None:
+        """One ACK to each peer whose handled messages no message has told it of."""
+        due, self._ack_due = self._ack_due, set()
+        for peer in due:
+            if peer.inbox.ack_due() and not peer.lost:
+                self._send_control(peer, framing.ACK)
+
+    def _dispatch(self, zframes: list[zmq.Frame]) -> None:
+        routing_id, zframes = zframes[0], zframes[1:]
         try:
             (rank,) = _RANK_ID.unpack(routing_id.bytes)
             user = routing_id.get("User-Id")
         except (struct.error, zmq.ZMQError):
             log.warning("moodist: dropped a message with a malformed routing id")
             return
-        if user != str(rank) or not 0 <= rank < self.size:
+        if user != str(rank) or not 0 <= rank < self.size or rank == self.rank:
             log.warning("moodist: dropped a message whose routing id does not match its user")
             return
         try:
-            attach = None if self.shm is None else self.shm.attacher(rank)
-            self._on_message(rank, unpack_frames(body, attach))
-        except Exception as e:
+            control, seq, ack = framing.decode_head(zframes[0]) if zframes else (-1, 0, 0)
+            if control < 0:
+                raise ValueError("empty message")
+        except ValueError as e:
             log.warning("moodist: dropped a message from rank %d: %s", rank, e)
-            log.debug("details", exc_info=True)
+            return
+        peer = self._peers.get(rank) or self._connect(rank)
+        if peer is None:
+            return
+        if peer.error is not None:
+            self._tell_lost(peer)
+            return
+        if control == framing.DATA:
+            self._receive_data(peer, seq, zframes)
+        elif control == framing.NACK:
+            self._resend(peer, seq)
+        elif control == framing.SYNC:
+            inbox = peer.inbox
+            if inbox.expected <= seq:  # something it sent is missing here
+                inbox.nacked = inbox.expected
+                self._send_control(peer, framing.NACK, inbox.expected)
+            else:
+                self._send_control(peer, framing.ACK)
+        elif control == framing.LOST:
+            self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
+            return
+        elif control == framing.BYE:
+            self._lose(peer, PeerLeftError(rank))
+            return
+        if ack:
+            self._acknowledged(peer, ack)
+
+    def _receive_data(self, peer: _Peer, seq: int, zframes: list[zmq.Frame]) -> None:
+        inbox = peer.inbox
+        state = inbox.classify(seq)
+        if state is NEW:
+            inbox.accepted(seq)
+            try:
+                attach = None if self.shm is None else self.shm.attacher(peer.rank)
+                self._on_message(peer.rank, decode_body(zframes, attach))
+            except Exception as e:
+                log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
+                log.debug("details", exc_info=True)
+            inbox.handled_upto(seq)
+            self._ack_due.add(peer)
+        elif state is DUPLICATE:
+            self._ack_due.add(peer)  # its acknowledgement may be what was lost
+        elif inbox.should_nack():
+            self._send_control(peer, framing.NACK, inbox.expected)
+
+    def _acknowledged(self, peer: _Peer, ack: int) -> None:
+        with peer.lock:
+            callbacks = peer.outbox.ack(ack)
+        _call_all(callbacks, None)
+
+    def _resend(self, peer: _Peer, seq: int) -> None:
+        """Send again every unacknowledged message from ``seq`` on."""
+        with peer.lock:
+            if self._closed:
+                return
+            ack = peer.inbox.ack_sent = peer.inbox.handled
+            for entry_seq, body, large, _on_done in peer.outbox.from_seq(seq):
+                peer.socket.send_multipart(
+                    [framing.head(framing.DATA, entry_seq, ack) + body, *large], copy=False)
+
+    def _tell_lost(self, peer: _Peer) -> None:
+        """A rank we declared lost is still talking: tell it (now and then)."""
+        now = time.monotonic()
+        if now - peer.lost_notice_at >= _LOST_NOTICE_EVERY:
+            peer.lost_notice_at = now
+            self._send_control(peer, framing.LOST)
 
     def _answer_zap(self, frames: list[zmq.Frame]) -> None:
         parts = [f.bytes for f in frames]
@@ -429,102 +618,60 @@ class Transport:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             peer.connected = True
             peer.down_since = None
+            with peer.lock:
+                pending = bool(peer.outbox.unacked)
+                last = peer.outbox.last_sent
+            if pending and not peer.lost:  # what was in flight may be lost: ask
+                self._send_control(peer, framing.SYNC, last)
         elif event == zmq.EVENT_DISCONNECTED:
             if peer.connected:
                 peer.connected = False
                 peer.down_since = time.monotonic()
                 self._schedule_liveness_check(peer)
         elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-            self._lose(peer, "it refused our credentials (is it in another group?)")
+            self._lose(peer, PeerLostError(
+                peer.rank, "it refused our credentials (is it in another group?)"))
 
     def _schedule_liveness_check(self, peer: _Peer) -> None:
         since = peer.down_since
 
         def check() -> None:
             if not peer.connected and peer.down_since == since and not peer.lost:
-                self._lose(peer, f"no connection for {self.peer_timeout / 2:g} s")
+                self._lose(peer, PeerLostError(
+                    peer.rank, f"no connection for {self.peer_timeout / 2:g} s"))
 
         self.call_later(self.peer_timeout / 2, check)
 
-    def _lose(self, peer: _Peer, reason: str) -> None:
-        if peer.lost or self._closing:
+    def _lose(self, peer: _Peer, error: PeerLostError) -> None:
+        """Declare ``peer`` lost (or gone: PeerLeftError), once: fail what waits
+        for its acknowledgements, tell it, and tell the node."""
+        if self._closing:
             return
-        peer.lost = True
-        log.warning("moodist: rank %d lost: %s", peer.rank, reason)
+        with peer.lock:
+            if peer.error is not None:
+                return
+            peer.error = error
+            callbacks = peer.outbox.drain()
+        if isinstance(error, PeerLeftError):
+            log.debug("moodist: %s", error)
+        else:
+            log.warning("moodist: rank %d lost: %s", peer.rank, error.reason)
+            self._tell_lost(peer)
         if self.shm is not None:
             self.shm.peer_lost(peer.rank)
-        self._on_peer_lost(peer.rank, reason)
+        _call_all(callbacks, error)
+        self._on_peer_lost(peer.rank, error)
 
     def is_lost(self, rank: int) -> bool:
-        peer = self._peers.get(rank)
-        return peer is not None and peer.lost
+        return self.lost_error(rank) is not None
 
 
-def pack_frames(frames: Sequence[Any],
-                export: Callable[[Any, int], bytes | None] | None = None) -> list[Any]:
-    """Frames (buffers) -> zmq frames: ``[table + inline frames, *large frames]``.
-
-    ``export(frame, nbytes)``, if given, may turn a large frame into a
-    shared-memory descriptor (bytes, sent inline) or decline with None."""
-    lengths = []
-    inline: list[Any] = []
-    large: list[Any] = []
-    for frame in frames:
-        frame = getattr(frame, "buffer", frame)  # a zmq.Frame being forwarded
-        n = frame.nbytes if hasattr(frame, "nbytes") else len(frame)
-        if n < INLINE_MAX:
-            lengths.append(n | _INLINE)
-            inline.append(frame)
-        elif export is not None and (desc := export(frame, n)) is not None:
-            lengths.append(len(desc) | _INLINE | _SHM)
-            inline.append(desc)
-        else:
-            lengths.append(n)
-            large.append(frame)
-    table = _COUNT.pack(len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths)
-    return [b"".join([table, *inline]), *large]
-
-
-def unpack_frames(zframes: Sequence[zmq.Frame],
-                  attach: Callable[[memoryview], Any] | None = None) -> list[Any]:
-    """Inverse of :func:`pack_frames`.  Inline frames are memoryviews into the
-    received zmq frame (no copy); large ones are the zmq.Frames themselves;
-    shared-memory ones are what ``attach(descriptor)`` returns, called once
-    the whole table has been checked.  Raises ValueError if the table does
-    not match what arrived (or ``attach`` is None where one is needed)."""
-    if not zframes:
-        raise ValueError("empty message")
-    head = memoryview(zframes[0].buffer)
-    if head.nbytes < _COUNT.size:
-        raise ValueError("message shorter than its frame table")
-    (count,) = _COUNT.unpack_from(head)
-    pos = _COUNT.size + 8 * count
-    if count > _MAX_FRAMES or pos > head.nbytes:
-        raise ValueError("frame table larger than the message")
-    frames: list[Any] = []
-    shared: list[int] = []
-    large = iter(zframes[1:])
-    for n in struct.unpack_from(f"<{count}Q", head, _COUNT.size):
-        if n & _INLINE:
-            if n & _SHM:
-                shared.append(len(frames))
-            n &= ~(_INLINE | _SHM)
-            if pos + n > head.nbytes:
-                raise ValueError("inline frame runs past the message")
-            frames.append(head[pos : pos + n])
-            pos += n
-        else:
-            frame = next(large, None)
-            if frame is None or len(frame) != n:
-                raise ValueError("large frame missing or of the wrong size")
-            frames.append(frame)
-    if pos != head.nbytes or next(large, None) is not None:
-        raise ValueError("bytes left over after the last frame")
-    if shared and attach is None:
-        raise ValueError("shared-memory frame from a rank that may not send one")
-    for i in shared:
-        frames[i] = attach(frames[i])  # type: ignore[misc]
-    return frames
+def _call_all(callbacks: list[OnDone], error: BaseException | None) -> None:
+    for callback in callbacks:
+        try:
+            callback(error)
+        except Exception:
+            log.exception("moodist: a delivery callback failed")
 
 
 def _bracket(host: str) -> str:

@@ -76,7 +76,7 @@ def test_stager_runs_jobs_in_order_and_forwards_errors():
             order.append(i)
             if i == 2:
                 raise RuntimeError("send failed")
-            return moodist.node.Future.completed(i)
+            return moodist.futures.Future.completed(i)
         return send
 
     futures = [stager.submit(gate.wait if i == 0 else (lambda: None), job(i)) for i in range(4)]

@@ -12,14 +12,13 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moodist import protocol
-from moodist.protocol import HEADER, MAGIC, VERSION, Kind, Message
-from moodist.transport import pack_frames, unpack_frames
+from moodist import framing, protocol
+from moodist.protocol import HEADER, Kind, Message
 
 DECODERS = [
-    protocol.decode_put, protocol.decode_put_bounded, protocol.decode_qid_items,
+    protocol.decode_put, protocol.decode_put_bounded, protocol.decode_fanout,
     protocol.decode_get, protocol.decode_qsize, protocol.decode_error,
-    protocol.decode_item_reply, protocol.decode_size,
+    protocol.decode_item_reply, protocol.decode_size, protocol.expect_simple,
 ]
 
 frames_strategy = st.lists(
@@ -49,7 +48,7 @@ def test_every_decoder_accepts_or_raises_protocol_error(frames):
 @settings(max_examples=400, deadline=None)
 @given(st.integers(0, 255), st.integers(0, 2**64 - 1), frames_strategy)
 def test_parse_accepts_or_raises_protocol_error(kind, req_id, frames):
-    head = HEADER.pack(MAGIC, VERSION, kind, req_id)
+    head = HEADER.pack(kind, req_id)
     try:
         msg = protocol.parse([head, *frames])
     except protocol.ProtocolError:
@@ -61,15 +60,20 @@ def test_parse_accepts_or_raises_protocol_error(kind, req_id, frames):
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
 def test_unframing_random_bytes_raises_only_value_error(raw):
-    try:
-        unpack_frames([zmq.Frame(b) for b in raw])
-    except ValueError:
-        pass
+    for zframes in ([zmq.Frame(b) for b in raw],
+                    [zmq.Frame(framing.head(framing.DATA, 1, 0) + raw[0]), *map(zmq.Frame, raw)]):
+        try:
+            framing.decode_head(zframes[0])
+            framing.decode_body(zframes)
+        except ValueError:
+            pass
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=9000), max_size=5))
-def test_framing_round_trips(frames):
-    packed = pack_frames(frames)
-    assert [bytes(f) for f in unpack_frames([zmq.Frame(bytes(memoryview(p))) for p in packed])
-            ] == frames
+@given(st.lists(st.binary(max_size=9000), max_size=5), st.integers(1, 2**64 - 1),
+       st.integers(0, 2**64 - 1))
+def test_framing_round_trips(frames, seq, ack):
+    packed = framing.encode(frames, seq, ack)
+    zframes = [zmq.Frame(bytes(memoryview(p))) for p in packed]
+    assert framing.decode_head(zframes[0]) == (framing.DATA, seq, ack)
+    assert [bytes(f) for f in framing.decode_body(zframes)] == frames

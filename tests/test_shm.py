@@ -18,12 +18,11 @@ import tempfile
 import pytest
 import torch
 from cluster import ends_together, poll_until
-from test_reliability import _hand_back, _run_with_victim, _sync, _Warnings
+from test_reliability import _hand_back, _run_with_victim, _send_numbered, _sync, _Warnings
 
 import moodist
-from moodist import PeerLostError, Queue, protocol, shm
+from moodist import PeerLostError, Queue, framing, protocol, shm
 from moodist.items import tensor_item
-from moodist.transport import pack_frames
 
 TIMEOUT = 30.0
 MiB = 1 << 20
@@ -371,10 +370,9 @@ def _receiver_stops_mid_stream(ctx):
     if ctx.rank == 0:
         q.put_tensor(t).wait()
         ctx.barrier("receiver down")
-        works = [q.put_tensor(t) for _ in range(10)]
-        for w in works:
+        for _ in range(10):  # refused at the call once rank 1's goodbye is in
             try:
-                w.wait()
+                q.put_tensor(t).wait()
             except (PeerLostError, moodist.GroupShutdownError):
                 pass
         return link.id, None
@@ -484,17 +482,15 @@ def _forged(ctx):
     ids = [p.decode() for p in ctx.group.barrier("ids", link.id)]
     if ctx.rank == 0:
         transport = ctx.group.node.transport
-        peer = transport._peers.get(1) or transport._connect(1)
         data = torch.zeros(4096, dtype=torch.float32)  # 16 KiB: a large zmq frame
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 cases = _forged_cases(ids[0], ids[1], scratch)
                 _sync(q, "warm")
                 for desc in cases.values():
-                    msg = protocol.encode_put(0, "n/forged", (), [tensor_item(data, False)])
-                    packed = pack_frames(msg, lambda frame, n, desc=desc: desc)
-                    with peer.lock:
-                        peer.socket.send_multipart(packed, copy=False)
+                    msg = protocol.encode_put(0, q._ref, (), [tensor_item(data, False)])
+                    body, large = framing.encode_body(msg, lambda frame, n, desc=desc: desc)
+                    _send_numbered(transport, 1, body, large)
                 _sync(q, "after forged")
                 ctx.barrier("sent")
                 big = _seeded(MiB)

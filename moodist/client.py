@@ -1,0 +1,246 @@
+"""What a rank asks of the hosts of other ranks' queues, and the answers it waits for.
+
+Each request gets an id unique on this rank and a :class:`Future` completed by
+its reply (``on_reply``), by the channel's acknowledgement (puts, whose host
+stores on receipt), or by an error (the host's ERROR, the host's loss, this
+rank's shutdown).  A caller that gives up on a request it is waiting for (its
+timeout passed the guard, or any exception interrupted it) cancels it, and an
+item that was already on its way to it is handed back (RETURN) rather than
+lost; a get confirms its item (CONFIRM) once it has decoded it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue as _stdlib_queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol
+from .errors import (
+    GroupShutdownError,
+    ItemDecodeError,
+    ItemKindError,
+    PeerLostError,
+    QueueMismatchError,
+    RemoteError,
+)
+from .futures import Future
+from .items import Item, ItemKind
+from .protocol import ErrorCode, Kind, Message, QueueRef
+from .storage import note_put_outcome
+from .transport import Transport
+
+_OUTCOME_WAIT = 10.0  # seconds an interrupted bounded put waits to learn if it was stored
+
+
+def _error_from(code: ErrorCode, message: str, rank: int) -> BaseException:
+    if code is ErrorCode.KIND_MISMATCH:
+        return ItemKindError(message)
+    if code is ErrorCode.PEER_LOST:
+        head = message.split(":", 1)[0]
+        return PeerLostError(int(head) if head.isdigit() else rank, message)
+    if code is ErrorCode.FULL:
+        return _stdlib_queue.Full(message)
+    if code is ErrorCode.SHUTDOWN:
+        return GroupShutdownError(f"rank {rank}: {message}")
+    if code is ErrorCode.QUEUE_MISMATCH:
+        return QueueMismatchError(message)
+    return RemoteError(f"rank {rank} refused the request: {message}")
+
+
+class Client:
+    """Requests from this rank to other ranks.  Thread safe."""
+
+    def __init__(self, rank: int, transport: Transport) -> None:
+        self.rank = rank
+        self.transport = transport
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Future] = {}
+        self._abandoned: dict[int, int] = {}  # request id -> host, for late replies
+        self._lock = threading.Lock()
+        self._closed: BaseException | None = None
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, peer: int, build: Callable[[int], list[Any]],
+                acked: bool = False) -> Future:
+        """Send ``build(request id)`` to ``peer``; the Future completes with
+        the reply (or, with ``acked``, once ``peer`` has handled it).  Raises
+        PeerLostError/GroupShutdownError if it cannot be sent."""
+        return self._start(peer, build, acked)[1]
+
+    def _start(self, peer: int, build: Callable[[int], list[Any]],
+               acked: bool = False) -> tuple[int, Future]:
+        if self._closed is not None:
+            raise self._closed
+        rid = next(self._ids)
+        fut = Future(peer)
+        with self._lock:
+            self._pending[rid] = fut
+        on_done = (lambda error: self._complete(rid, error=error)) if acked else None
+        if not self.transport.send(peer, build(rid), on_done):
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise self._closed or self.transport.lost_error(peer) or PeerLostError(peer)
+        return rid, fut
+
+    def _complete(self, rid: int, value: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            fut = self._pending.pop(rid, None)
+        if fut is None:
+            return
+        if error is not None:
+            fut.set_error(error)
+        else:
+            fut.set_result(value)
+
+    def put(self, host: int, ref: QueueRef, route: tuple[int, ...], items: list[Item]) -> Future:
+        """Store ``items`` at ``host`` (for multicast, ``host`` is ``route[0]``,
+        the sequencer).  Completes when stored (at every copy)."""
+        return self.request(host, lambda rid: protocol.encode_put(rid, ref, route, items),
+                            acked=not route)
+
+    def put_bounded(self, host: int, ref: QueueRef, items: list[Item], maxsize: int,
+                    timeout: float | None) -> bool:
+        """See :meth:`moodist.storage.Storage.put_bounded`; the host waits for room."""
+        rid, fut = self._start(
+            host, lambda r: protocol.encode_put_bounded(r, ref, maxsize, timeout, items))
+        try:
+            self._await(fut, timeout)
+        except _stdlib_queue.Full:
+            return False
+        except BaseException as e:
+            if not (fut.done() and fut.error() is e):
+                note_put_outcome(e, self._outcome_of_interrupted_put(rid, host, fut))
+            raise
+        return True
+
+    def _outcome_of_interrupted_put(self, rid: int, host: int, fut: Future) -> bool | None:
+        """Cancel an interrupted bounded put and learn whether it was stored
+        (None: the host could not say in time)."""
+        self.transport.send(host, protocol.encode_simple(Kind.CANCEL, rid))
+        try:
+            fut.result(_OUTCOME_WAIT)
+        except _stdlib_queue.Full:
+            return False
+        except BaseException:
+            return None
+        return True
+
+    def get(self, host: int, ref: QueueRef, kind: ItemKind, block: bool,
+            timeout: float | None, decode: Callable[[Item], Any]) -> tuple[Any, int] | None:
+        """Take the head item of a queue at ``host`` and ``decode`` it:
+        ``(value, size before the get)``, or None if none came in time."""
+        wire_timeout = timeout if block else 0.0
+        rid, fut = self._start(host, lambda r: protocol.encode_get(r, ref, kind, wire_timeout))
+        msg: Message | None = None
+        try:
+            msg = self._await(fut, wire_timeout, rid, host)
+            if msg.kind is Kind.EMPTY:
+                return None
+            size, item = protocol.decode_item_reply(msg)
+            value = decode(item)
+        except ItemDecodeError:
+            self._send_quietly(host, protocol.encode_simple(Kind.CONFIRM, rid))
+            raise
+        except BaseException:
+            if msg is not None and msg.kind is Kind.ITEM:
+                self._send_quietly(host, protocol.encode_simple(Kind.RETURN, rid))
+            raise
+        self._send_quietly(host, protocol.encode_simple(Kind.CONFIRM, rid))
+        return value, size
+
+    def qsize(self, host: int, ref: QueueRef) -> int:
+        fut = self.request(host, lambda rid: protocol.encode_qsize(rid, ref, False, None))
+        return protocol.decode_size(self._await(fut, 0.0))
+
+    def wait(self, host: int, ref: QueueRef, timeout: float | None) -> bool:
+        """Block until the queue at ``host`` holds an item; False on timeout."""
+        rid, fut = self._start(host, lambda r: protocol.encode_qsize(r, ref, True, timeout))
+        return protocol.decode_size(self._await(fut, timeout, rid, host)) > 0
+
+    def _await(self, fut: Future, timeout: float | None, rid: int = 0, host: int = -1) -> Any:
+        """Wait for the reply to a request that its host answers within
+        ``timeout`` (None: whenever).  Past a guard beyond that, the host is
+        taken as unresponsive.  If this thread gives up first (any exception),
+        a request with ``rid`` is cancelled, and an item the host had already
+        sent for it is handed back."""
+        guard = None if timeout is None else timeout + max(5.0, 2 * self.transport.peer_timeout)
+        try:
+            return fut.result(guard)
+        except TimeoutError:
+            if rid:
+                self._abandon(rid, fut.peer, fut)
+            raise PeerLostError(fut.peer, f"no reply {guard:g} s after a request") from None
+        except BaseException as e:
+            if fut.done() and fut.error() is e:
+                raise
+            if rid:
+                self._abandon(rid, host, fut)
+            raise
+
+    def _abandon(self, rid: int, host: int, fut: Future) -> None:
+        with self._lock:
+            waiting = self._pending.pop(rid, None) is not None
+            if waiting:
+                self._abandoned[rid] = host
+        if waiting:
+            self._send_quietly(host, protocol.encode_simple(Kind.CANCEL, rid))
+            return
+        try:  # the reply is being handed over right now
+            msg = fut.result(timeout=5.0)
+        except BaseException:
+            return
+        if isinstance(msg, Message) and msg.kind is Kind.ITEM:
+            self._send_quietly(host, protocol.encode_simple(Kind.RETURN, rid))
+
+    def _send_quietly(self, peer: int, frames: list[Any]) -> None:
+        """Best effort (nothing to do if ``peer`` is gone: its loss settles it)."""
+        if self._closed is None:
+            self.transport.send(peer, frames)
+
+    # ------------------------------------------------------------------ answers
+
+    def on_reply(self, rank: int, msg: Message) -> None:
+        """ACK, ERROR, ITEM, EMPTY, SIZE: complete the request they answer.  A
+        reply from a rank other than the one asked is refused."""
+        error_reply = protocol.decode_error(msg) if msg.kind is Kind.ERROR else None
+        with self._lock:
+            fut = self._pending.get(msg.req_id)
+            if fut is not None:
+                if fut.peer != rank:
+                    raise protocol.ProtocolError(
+                        f"reply from rank {rank} to a request to rank {fut.peer}")
+                del self._pending[msg.req_id]
+            elif self._abandoned.get(msg.req_id) == rank:
+                del self._abandoned[msg.req_id]
+                if msg.kind is Kind.ITEM:
+                    self.transport.send(rank, protocol.encode_simple(Kind.RETURN, msg.req_id))
+                return
+        if fut is None:
+            return
+        if error_reply is not None:
+            fut.set_error(_error_from(*error_reply, rank))
+        else:
+            fut.set_result(msg)
+
+    def peer_lost(self, rank: int, error: PeerLostError) -> None:
+        with self._lock:
+            failed = [rid for rid, fut in self._pending.items() if fut.peer == rank]
+            futures = [self._pending.pop(rid) for rid in failed]
+            for rid in [r for r, h in self._abandoned.items() if h == rank]:
+                del self._abandoned[rid]
+        for fut in futures:
+            fut.set_error(error)
+
+    def close(self, error: BaseException) -> None:
+        """Fail every pending request with ``error``; later ones raise it."""
+        self._closed = error
+        with self._lock:
+            futures = list(self._pending.values())
+            self._pending.clear()
+            self._abandoned.clear()
+        for fut in futures:
+            fut.set_error(error)

@@ -1,0 +1,154 @@
+"""How one message is laid out in zmq frames (a transport concern, no sockets here).
+
+A message is ``[head, *large]``.  ``head`` is one zmq frame::
+
+    magic b"MQ" | version u8 | control u8 | seq u64 | ack u64      (HEAD, 20 bytes)
+    count u32 | count x length u64 | the inline frames' bytes        (the body)
+
+``control`` says what the message is: ``DATA`` carries ``count`` frames for the
+node; every other value is a transport control message with no body (see
+:mod:`moodist.channel` for ``seq`` and ``ack``).  A frame of fewer than
+``INLINE_MAX`` bytes is copied into ``head`` (flag ``_INLINE`` in its length);
+a larger one travels as a zmq frame of its own, without a copy, or, to a rank
+on this host, as a shared-memory segment whose small descriptor is inline
+(flag ``_SHM``).  libzmq's cost is per zmq frame, so a typical message is one.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+MAGIC = b"MQ"
+VERSION = 2
+HEAD = struct.Struct("<2sBBQQ")
+_COUNT = struct.Struct("<I")
+INLINE_MAX = 8192
+_INLINE = 1 << 63
+_SHM = 1 << 62
+_MAX_FRAMES = 1 << 20
+
+# control codes
+DATA = 0  # a message for the node, numbered by seq
+ACK = 1  # "I have handled your messages up to ack" (every message carries ack)
+NACK = 2  # "resend from seq": a message before it is missing
+SYNC = 3  # "I have sent up to seq": answered by ACK, or NACK if something is missing
+LOST = 4  # "I have declared you lost": the receiver declares the sender lost too
+BYE = 5  # "I am leaving the group" (clean shutdown)
+CONTROLS = frozenset((ACK, NACK, SYNC, LOST, BYE))
+
+
+class LostFrame:
+    """Stands in for a frame that arrived but could not be read (a shared-memory
+    segment that could not be mapped): whoever decodes the message must refuse
+    it with ``reason`` rather than use it."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __len__(self) -> int:
+        return 0
+
+
+def encode_body(frames: Sequence[Any],
+                export: Callable[[Any, int], bytes | None] | None = None
+                ) -> tuple[bytes, list[Any]]:
+    """``(body, large frames)`` for ``frames`` (buffers); see the module doc.
+
+    ``export(frame, nbytes)``, if given, may turn a large frame into a
+    shared-memory descriptor (bytes, sent inline) or decline with None."""
+    lengths = []
+    inline: list[Any] = []
+    large: list[Any] = []
+    for frame in frames:
+        frame = getattr(frame, "buffer", frame)  # a zmq.Frame being forwarded
+        n = frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+        if n < INLINE_MAX:
+            lengths.append(n | _INLINE)
+            inline.append(frame)
+        elif export is not None and (desc := export(frame, n)) is not None:
+            lengths.append(len(desc) | _INLINE | _SHM)
+            inline.append(desc)
+        else:
+            lengths.append(n)
+            large.append(frame)
+    table = _COUNT.pack(len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths)
+    return b"".join([table, *inline]), large
+
+
+def head(control: int, seq: int, ack: int) -> bytes:
+    return HEAD.pack(MAGIC, VERSION, control, seq, ack)
+
+
+def encode(frames: Sequence[Any], seq: int = 1, ack: int = 0,
+           export: Callable[[Any, int], bytes | None] | None = None) -> list[Any]:
+    """A whole DATA message as zmq frames (for tools and tests; the transport
+    builds the head itself under its send lock)."""
+    body, large = encode_body(frames, export)
+    return [head(DATA, seq, ack) + body, *large]
+
+
+def decode_head(zframe0: Any) -> tuple[int, int, int]:
+    """``(control, seq, ack)`` of a received message; ValueError if malformed."""
+    view = memoryview(getattr(zframe0, "buffer", zframe0))
+    if view.nbytes < HEAD.size:
+        raise ValueError("message shorter than its head")
+    magic, version, control, seq, ack = HEAD.unpack_from(view)
+    if magic != MAGIC or version != VERSION:
+        raise ValueError("bad magic or version")
+    if control != DATA and (control not in CONTROLS or view.nbytes != HEAD.size):
+        raise ValueError(f"bad control message {control}")
+    return control, seq, ack
+
+
+def decode_body(zframes: Sequence[Any],
+                attach: Callable[[memoryview], Any] | None = None) -> list[Any]:
+    """The frames of a DATA message (the inverse of :func:`encode`).
+
+    Inline frames are memoryviews into the received zmq frame (no copy);
+    large ones are the zmq.Frames themselves; shared-memory ones are what
+    ``attach(descriptor)`` returns, called once the whole table has been
+    checked, or a :class:`LostFrame` if it raises ValueError.  Raises
+    ValueError if the table does not match what arrived."""
+    if not zframes:
+        raise ValueError("empty message")
+    view = memoryview(getattr(zframes[0], "buffer", zframes[0]))
+    pos = HEAD.size
+    if view.nbytes < pos + _COUNT.size:
+        raise ValueError("message shorter than its frame table")
+    (count,) = _COUNT.unpack_from(view, pos)
+    pos += _COUNT.size
+    lengths_at = pos
+    pos += 8 * count
+    if count > _MAX_FRAMES or pos > view.nbytes:
+        raise ValueError("frame table larger than the message")
+    frames: list[Any] = []
+    shared: list[int] = []
+    large = iter(zframes[1:])
+    for n in struct.unpack_from(f"<{count}Q", view, lengths_at):
+        if n & _INLINE:
+            if n & _SHM:
+                shared.append(len(frames))
+            n &= ~(_INLINE | _SHM)
+            if pos + n > view.nbytes:
+                raise ValueError("inline frame runs past the message")
+            frames.append(view[pos : pos + n])
+            pos += n
+        else:
+            frame = next(large, None)
+            if frame is None or len(frame) != n:
+                raise ValueError("large frame missing or of the wrong size")
+            frames.append(frame)
+    if pos != view.nbytes or next(large, None) is not None:
+        raise ValueError("bytes left over after the last frame")
+    if shared and attach is None:
+        raise ValueError("shared-memory frame from a rank that may not send one")
+    for i in shared:
+        try:
+            frames[i] = attach(frames[i])  # type: ignore[misc]
+        except ValueError as e:
+            frames[i] = LostFrame(str(e))
+    return frames

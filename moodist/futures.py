@@ -1,0 +1,94 @@
+"""The outcome of one operation, completed once from any thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_guard = threading.Lock()  # the short critical sections of every Future
+
+
+class Future:
+    """Completed once, with a value or an error, from any thread.
+
+    Cheap to make: a waiting primitive is created only if someone waits
+    before it completes (most puts are acknowledged without anyone waiting).
+    Callbacks run on the completing thread and must not block.
+    """
+
+    __slots__ = ("peer", "_done", "_value", "_error", "_callbacks", "_event")
+
+    def __init__(self, peer: int = -1) -> None:
+        self.peer = peer  # the rank whose answer completes it (-1: none)
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Future], None]] | None = None
+        self._event: threading.Event | None = None
+
+    @classmethod
+    def completed(cls, value: Any = None) -> Future:
+        fut = cls()
+        fut._done = True
+        fut._value = value
+        return fut
+
+    @classmethod
+    def failed(cls, error: BaseException) -> Future:
+        fut = cls()
+        fut._done = True
+        fut._error = error
+        return fut
+
+    def set_result(self, value: Any = None) -> None:
+        self._finish(value, None)
+
+    def set_error(self, error: BaseException) -> None:
+        self._finish(None, error)
+
+    def settle(self, error: BaseException | None) -> None:
+        """Complete with None, or with ``error`` (a transport ``on_done``)."""
+        self._finish(None, error)
+
+    def _finish(self, value: Any, error: BaseException | None) -> bool:
+        with _guard:
+            if self._done:
+                return False
+            self._value, self._error = value, error
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
+            event = self._event
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
+            callback(self)
+        return True
+
+    def add_done_callback(self, callback: Callable[[Future], None]) -> None:
+        with _guard:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def done(self) -> bool:
+        return self._done
+
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until done (or ``timeout``: raises TimeoutError); raise its error."""
+        if not self._done:
+            with _guard:
+                if not self._done and self._event is None:
+                    self._event = threading.Event()
+                event = self._event
+            if event is not None and not event.wait(timeout):
+                raise TimeoutError
+        if self._error is not None:
+            raise self._error
+        return self._value
