@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from moodist import bench
+from moodist.bench import main
+from moodist.bench.cli import options_from_args
+from moodist.bench.options import ALL_BASELINES, parse_sizes
+from moodist.bench.patterns import PATTERNS
+from moodist.bench.runner import plan
+from moodist.bench.targets import TARGETS, evaluate
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -40,6 +45,11 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     for label in ("pingpong p50", "stream 4K", "objects", "fanin", "multicast", "remote-get"):
         assert label in proc.stdout
     assert "ratio" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("pattern"))
+    assert "zmq" in header.split() and "moodist-noshm" in header.split() and "vs tcp" in header
+    assert "targets (issue 10)" in proc.stdout
+    for target in TARGETS:
+        assert target.text in proc.stdout
 
     report = json.loads(out.read_text())
     machine = report["machine"]
@@ -48,8 +58,8 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert report["mode"] == "local"
 
     results = report["results"]
-    assert {r["pattern"] for r in results} == set(bench.PATTERNS)
-    assert {r["impl"] for r in results} == {"moodist", *bench.ALL_BASELINES}
+    assert {r["pattern"] for r in results} == set(PATTERNS)
+    assert {r["impl"] for r in results} == {"moodist", *ALL_BASELINES}
     for r in results:
         assert r["runs"], r
         for metric, stat in r["stats"].items():
@@ -66,6 +76,18 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     for row in report["table"]:
         assert _positive(row["values"]["moodist"]), row
         assert all(_positive(x) for x in row["ratio"].values()), row
+    stream_4k = next(row for row in report["table"] if row["label"] == "stream 4K")
+    assert {"zmq", "moodist-noshm"} <= set(stream_4k["ratio"])
+    assert report["options"]["window"] == 8
+
+    # quick mode streams 4K and 64K only: the 1M and 64M targets are not measured
+    targets = {t["target"]: t for t in report["targets"]}
+    assert list(targets) == [t.text for t in TARGETS]
+    for t in targets.values():
+        if t["row"] in ("stream 1M", "stream 64M"):
+            assert t["ratio"] is None and t["met"] is None, t
+        else:
+            assert _positive(t["ratio"]) and isinstance(t["met"], bool), t
     if HAVE_MATPLOTLIB:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -77,24 +99,41 @@ def test_a_failing_rank_fails_the_command() -> None:
 
 
 def test_list_patterns_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench.main(["--list-patterns"]) == 0
+    assert main(["--list-patterns"]) == 0
     listing = capsys.readouterr().out
-    assert all(name in listing for name in bench.PATTERNS)
+    assert all(name in listing for name in PATTERNS)
     for bad in (["--patterns", "pingpong,nope"], ["--baselines", "mpi"], ["--sizes", "4Q"],
-                ["--nprocs", "1"]):
+                ["--nprocs", "1"], ["--window", "0"]):
         with pytest.raises(SystemExit) as exc:
-            bench.main(bad)
+            main(bad)
         assert exc.value.code == 2, bad
     assert "unknown pattern" in capsys.readouterr().err
 
 
 def test_option_parsing() -> None:
-    assert bench.parse_sizes("64M, 4K,1m") == [4096, 1 << 20, 64 << 20]
-    opts, _ = bench.options_from_args(["--baselines", "none", "--patterns", "stream"])
+    assert parse_sizes("64M, 4K,1m") == [4096, 1 << 20, 64 << 20]
+    opts, _ = options_from_args(["--baselines", "none", "--patterns", "stream"])
     assert opts.baselines == [] and opts.patterns == ["stream"]
-    cases = bench.plan(opts, world=2, local=True)
+    cases = plan(opts, world=2, local=True)
     assert [c.impl for c in cases] == ["moodist"] * len(opts.sizes)
-    opts, _ = bench.options_from_args(["--quick"])
+    opts, _ = options_from_args(["--quick"])
     assert opts.repeats == 1 and opts.sizes == [4096, 65536]
     # under torchrun there is no torch.multiprocessing baseline
-    assert all(c.impl != "mpqueue" for c in bench.plan(opts, world=2, local=False))
+    assert all(c.impl != "mpqueue" for c in plan(opts, world=2, local=False))
+    opts, _ = options_from_args(["--baselines", "zmq,moodist-noshm", "--window", "4"])
+    assert opts.baselines == ["zmq", "moodist-noshm"] and opts.window == 4
+    noshm = [c for c in plan(opts, world=2, local=True) if c.impl == "moodist-noshm"]
+    assert {c.pattern for c in noshm} == {"stream"} and len(noshm) == len(opts.sizes)
+
+
+def test_targets_are_ratios_of_the_table_medians() -> None:
+    values = {"pingpong p50": {"moodist": 300.0, "zmq": 100.0, "gloo": 400.0},
+              "stream 1M": {"moodist-noshm": 0.9, "tcp": 1.0},
+              "stream 64M": {"moodist": 4.0, "memcpy": 10.0, "tcp": 2.0}}
+    got = {t["target"]: (t["ratio"], t["met"]) for t in evaluate(values)}
+    assert got["round trip p50 <= 2x zmq"] == (3.0, False)
+    assert got["round trip p50 < gloo"] == (0.75, True)
+    assert got["MOODIST_SHM=0: 1M stream >= 0.8x tcp"] == (0.9, True)
+    assert got["MOODIST_SHM=0: 64M stream >= 0.8x tcp"] == (None, None)  # no noshm figure
+    assert got["64M stream >= 0.8x memcpy"] == (0.4, False)
+    assert got["4K stream >= 0.25x zmq"] == (None, None)
