@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 import threading
 import weakref
 from typing import Any
@@ -30,9 +31,32 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as _c10d
 
-from .group import MoodistProcessGroup
-
 __all__ = ["BACKEND_NAME", "BackendOptions", "process_group", "register_backend"]
+
+# The torch versions moodist supports, as (major, minor): at least the first (the oldest
+# tested), below the second.  The private backend API used here changes between releases,
+# and older ones are not tested.  pyproject.toml's dependency on torch states the same.
+TORCH_VERSIONS = ((2, 13), (3, 0))
+
+
+def check_torch_version(version: str) -> None:
+    """Raise ImportError naming the supported range unless torch ``version`` (like
+    ``"2.13.0+cpu"`` or ``"2.14.0a0+git1234"``) is in TORCH_VERSIONS."""
+    (low_major, low_minor), (high_major, high_minor) = TORCH_VERSIONS
+    supported = f"torch>={low_major}.{low_minor},<{high_major}.{high_minor}"
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    found = (int(match[1]), int(match[2])) if match else None
+    if found is None or not TORCH_VERSIONS[0] <= found < TORCH_VERSIONS[1]:
+        raise ImportError(
+            f"moodist supports {supported}, but torch {version} is installed; "
+            f"install a supported torch (pip install '{supported}')"
+        )
+
+
+# Before anything else of moodist is imported: an unsupported torch fails here, clearly.
+check_torch_version(torch.__version__)
+
+from .group import MoodistProcessGroup  # noqa: E402 - after the version check
 
 BACKEND_NAME = "moodist"
 _BackendType = dist.ProcessGroup.BackendType
@@ -71,7 +95,7 @@ def _make_group(
     pg = dist.ProcessGroup(store, rank, size)
     gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
     gloo.options.global_ranks_in_group = global_ranks
-    gloo.options.group_name = group_name
+    gloo.options.group_name = _c10d.GroupName(group_name)
     gloo._set_sequence_number_for_group()
     pg._register_backend(torch.device("cpu"), _BackendType.GLOO, gloo)
     default = _BackendType.GLOO
@@ -80,7 +104,7 @@ def _make_group(
         nccl_options.is_high_priority_stream = False
         nccl_options._timeout = timeout
         nccl_options.global_ranks_in_group = global_ranks
-        nccl_options.group_name = group_name
+        nccl_options.group_name = _c10d.GroupName(group_name)
         nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", store), rank, size, nccl_options)
         nccl._set_sequence_number_for_group()
         pg._register_backend(torch.device("cuda"), _BackendType.NCCL, nccl)

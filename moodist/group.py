@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -71,9 +72,10 @@ class MoodistProcessGroup:
     its I/O thread; pending operations then raise GroupShutdownError.
 
     Options: ``bind_host``, the address this rank listens on (default: env
-    ``MOODIST_BIND_HOST``, else the interface that routes to a TCPStore's
-    server, else 127.0.0.1; never every interface unless you pass
-    "0.0.0.0"); ``peer_timeout``, seconds after which an unreachable rank is
+    ``MOODIST_BIND_HOST``, else 127.0.0.1 for a job on this host alone, else the
+    interface that routes to a TCPStore's server; never every interface unless
+    you pass "0.0.0.0" or "::", and then peers are told a reachable address);
+    ``peer_timeout``, seconds after which an unreachable rank is
     declared lost (default: env ``MOODIST_PEER_TIMEOUT``, else 5);
     ``encrypt``, ZMTP CURVE encryption and per-rank keys instead of a shared
     password (default: env ``MOODIST_ENCRYPT``; every rank must agree).
@@ -143,7 +145,7 @@ class MoodistProcessGroup:
             _groups[self._name] = self
         try:
             transport = self._node.transport
-            me = {"address": transport.address,
+            me = {"address": _advertised_address(transport.address, host, _store_host(store)),
                   "curve": keypair[0].decode() if keypair else None,
                   "shm": transport.shm.offer() if transport.shm is not None else None}
             peers = [json.loads(p) for p in self._exchange("addr", json.dumps(me))]
@@ -231,28 +233,146 @@ class MoodistProcessGroup:
 
 
 def _default_bind_host(store: dist.Store) -> str:
-    """The address of the interface the job uses: MOODIST_BIND_HOST if set;
-    else, for a TCPStore, the local address that routes to its server; else
-    loopback."""
+    """The address to listen on when the caller gave none: ``MOODIST_BIND_HOST`` if set;
+    loopback for a job on this host alone; else the address other hosts reach this one on.
+
+    "This host alone": no TCPStore host to go by; a store host named as loopback
+    (``127.0.0.1``, ``localhost``, ``::1``); or this machine's own name (it resolves to
+    loopback only) while torchrun says every rank runs here.  Without torchrun's word,
+    a name that resolves to loopback only is taken as the name other hosts know this one
+    by (``MASTER_ADDR=$(hostname)`` on Debian or Ubuntu, which map it to 127.0.1.1).
+    """
     env = os.environ.get("MOODIST_BIND_HOST")
-    if env:
-        return env
+    return env or _bind_host_for(_store_host(store))
+
+
+def _bind_host_for(server: str | None) -> str:
+    """The default bind host for a job whose TCPStore is on ``server`` (None: no TCPStore)."""
+    if server is None or _names_loopback(server):
+        return "127.0.0.1"
+    if _torchrun_single_host() and _resolves_to_loopback_only(server):
+        return "127.0.0.1"
+    return _reachable_host(server, socket.AF_UNSPEC) or "127.0.0.1"
+
+
+# A wildcard bind host, the address family peers may dial it on, and its loopback.
+_WILDCARDS = {
+    "0.0.0.0": (socket.AF_INET, "127.0.0.1"),
+    "*": (socket.AF_UNSPEC, "127.0.0.1"),
+    "::": (socket.AF_UNSPEC, "::1"),  # libzmq makes IPv6 listeners dual-stack
+    "[::]": (socket.AF_UNSPEC, "::1"),
+}
+
+
+def _advertised_address(address: str, bind_host: str, server: str | None) -> str:
+    """``address`` (``tcp://host:port``, where this rank listens) as peers should dial it,
+    in a job whose TCPStore is on ``server`` (None: no TCPStore).
+
+    A wildcard bind (``0.0.0.0``, ``::``, ``*``) listens on every interface, but peers
+    cannot dial a wildcard: they get the address that reaches the store's host (or, with
+    no store host to go by, the interface with the default route); loopback when the
+    store's host is named as loopback.
+    """
+    if bind_host not in _WILDCARDS:
+        return address
+    family, loopback = _WILDCARDS[bind_host]
+    host = loopback
+    if server is None or not _names_loopback(server):
+        host = _reachable_host(server, family) or loopback
+    port = address.rsplit(":", 1)[1]
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _store_host(store: dist.Store) -> str | None:
+    """The host a TCPStore (under any PrefixStores) connects to; None for other stores."""
     base = store
     while isinstance(base, dist.PrefixStore):
         base = base.underlying_store
-    server = getattr(base, "host", None) if isinstance(base, dist.TCPStore) else None
-    if not server:
-        return "127.0.0.1"
+    return (base.host or None) if isinstance(base, dist.TCPStore) else None
+
+
+def _names_loopback(host: str) -> bool:
+    """True for the names and literals that mean "this machine" on every machine."""
+    name = host.strip("[]").lower()
+    return name in _LOOPBACK_NAMES or _is_loopback(name)
+
+
+_LOOPBACK_NAMES = frozenset({
+    "localhost", "localhost.localdomain", "localhost6", "localhost6.localdomain6",
+    "ip6-localhost", "ip6-loopback",
+})
+
+
+def _is_loopback(address: str) -> bool:
     try:
-        infos = socket.getaddrinfo(server, 1, type=socket.SOCK_DGRAM)
-        family, _, _, _, addr = infos[0]
-        if addr[0].startswith("127.") or addr[0] == "::1":  # a job on this host
-            return "127.0.0.1"
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _torchrun_single_host() -> bool:
+    """torchrun (or a launcher like it) says every rank of the job runs on this host."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return local is not None and local == os.environ.get("WORLD_SIZE")
+
+
+def _resolve(host: str, family: int) -> list[tuple[int, tuple[str, int]]]:
+    """Each distinct (family, sockaddr) ``host`` resolves to here, in resolver order."""
+    try:
+        infos = socket.getaddrinfo(host, 1, family, socket.SOCK_DGRAM)
+    except (OSError, UnicodeError):
+        return []
+    seen: list[tuple[int, tuple[str, int]]] = []
+    for fam, _, _, _, sockaddr in infos:
+        entry = (int(fam), (str(sockaddr[0]), int(sockaddr[1])))
+        if entry not in seen:
+            seen.append(entry)
+    return seen
+
+
+def _resolves_to_loopback_only(host: str) -> bool:
+    addresses = _resolve(host, socket.AF_UNSPEC)
+    return bool(addresses) and all(_is_loopback(a[1][0]) for a in addresses)
+
+
+def _reachable_host(server: str | None, family: int) -> str | None:
+    """The local address of the interface that routes to a non-loopback address of
+    ``server``.  When ``server`` has none here (this machine's own name, which Debian and
+    Ubuntu map to 127.0.1.1, as in ``MASTER_ADDR=$(hostname)``), or is None: the address
+    of the interface with the default route.  None when neither exists."""
+    for fam, sockaddr in _resolve(server, family) if server else []:
+        if not _is_loopback(sockaddr[0]):
+            source = _source_address(fam, sockaddr[0])
+            if source is not None:
+                return source
+    return _default_route_address(family)
+
+
+# Documentation addresses (RFC 5737, RFC 3849): never a real host, so a route to them is
+# the default route.
+_ROUTE_PROBES = ((socket.AF_INET, "203.0.113.1"), (socket.AF_INET6, "2001:db8::1"))
+
+
+def _default_route_address(family: int) -> str | None:
+    """The local address of the interface with the default route (IPv4 first), or None."""
+    for fam, target in _ROUTE_PROBES:
+        if family in (socket.AF_UNSPEC, fam):
+            source = _source_address(fam, target)
+            if source is not None:
+                return source
+    return None
+
+
+def _source_address(family: int, target: str) -> str | None:
+    """The local address this host sends from to ``target``; None if it has no route.
+    Sends no packet: connect() on a UDP socket only picks the route."""
+    try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(addr)  # no packet is sent; this only picks the route
-            return probe.getsockname()[0]
+            probe.connect((target, 1))
+            source = str(probe.getsockname()[0])
     except OSError:
-        return "127.0.0.1"
+        return None
+    return None if _is_loopback(source) else source
 
 
 @atexit.register

@@ -1,11 +1,13 @@
 """One rank of tests/test_netns.py, run inside its own network namespace.
 
-    python netns_rank.py RANK SIZE STORE_HOST STORE_PORT PEER_TIMEOUT CUT_RANK
+    python netns_rank.py RANK SIZE STORE_HOST STORE_PORT PEER_TIMEOUT CUT_RANK [BIND_HOST]
 
 Talks to the test through stdin/stdout, one JSON object a line: it reports phase 1
 (queue traffic between all ranks), waits for ``cut`` on stdin (the test has then cut
 CUT_RANK's link), reports phase 2 (what failed, how fast, and that the ranks still
-connected keep working) and exits.  Every blocking call has a timeout.
+connected keep working) and exits.  With CUT_RANK -1 it exits after phase 1.  BIND_HOST,
+if given, is the group's ``bind_host`` (else the default).  Every blocking call has a
+timeout.
 """
 
 from __future__ import annotations
@@ -59,10 +61,12 @@ def main() -> None:
     rank, size = int(sys.argv[1]), int(sys.argv[2])
     host, port = sys.argv[3], int(sys.argv[4])
     peer_timeout, cut = float(sys.argv[5]), int(sys.argv[6])
+    bind_host = sys.argv[7] if len(sys.argv) > 7 else None
     store = dist.TCPStore(host, port, size, is_master=(rank == 0), wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=TIMEOUT))
     # The default bind host: the interface that routes to the store's host.
-    group = moodist.MoodistProcessGroup(store, rank, size, peer_timeout=peer_timeout)
+    group = moodist.MoodistProcessGroup(store, rank, size, peer_timeout=peer_timeout,
+                                        bind_host=bind_host)
     queues = [moodist.Queue(group, location=r) for r in range(size)]
 
     # Phase 1: every rank puts an object and a tensor (together) to every other rank's
@@ -84,6 +88,9 @@ def main() -> None:
     remote = queues[nxt].get_object(timeout=TIMEOUT)
     group.barrier("phase1-done")
     report(phase=1, rank=rank, address=group.node.transport.address, got=got, remote=remote)
+    if cut < 0:
+        group.shutdown()
+        return
 
     wait_for_line("cut", TIMEOUT)
     survivors = [r for r in range(size) if r != cut]

@@ -1,13 +1,17 @@
 """Several hosts (issue 5, item 4): ranks in separate Linux network namespaces.
 
 The test makes a hub namespace holding a bridge, and one namespace per rank joined to it
-by a veth pair, with addresses 10.213.N.(rank+1)/24 of its own (the host's network is
-untouched).  Each rank (tests/netns_rank.py) runs in its namespace with a TCPStore on
-rank 0 and a MoodistProcessGroup bound, by default, to its namespace's address; they
-exchange queue traffic, then the test takes the cut rank's link down: what needs the cut
+by a veth pair, with addresses 10.213.N.(rank+1)/24 (or, IPv6 only, fd13:N::(rank+1)/64)
+of its own and a default route through it (the host's network is untouched).  Each rank
+(tests/netns_rank.py) runs in its namespace with a TCPStore on rank 0 and a
+MoodistProcessGroup bound, by default, to its namespace's address; they exchange queue
+traffic, then the test takes the cut rank's link down: what needs the cut
 rank fails with PeerLostError naming it within a few seconds, and the other ranks keep
-working.  Needs root and ``ip`` (iproute2); skipped otherwise.  Also, without root: the
-default bind address for a store on this host, and a group over IPv6.
+working.  Issue 11: a store host given by a name that resolves to 127.0.1.1 on its own
+host (Debian's entry for the machine's hostname, written to a per-namespace hosts file
+that ``ip netns exec`` mounts over /etc/hosts), and a rank bound to every interface.
+Needs root and ``ip`` (iproute2); skipped otherwise.  Also, without root: the default
+bind address for a store on this host, and a group over IPv6.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pytest
 import moodist
 
 ROOT = Path(__file__).resolve().parent.parent
+ETC_NETNS = Path("/etc/netns")  # `ip netns exec NS` mounts /etc/netns/NS/* over /etc/*
 SIZE = 3
 CUT = 2  # the rank whose link is cut
 PEER_TIMEOUT = 1.5
@@ -39,15 +44,21 @@ def _ip(*args: str) -> None:
 
 
 class Namespaces:
-    """A hub namespace with a bridge, and ``n`` rank namespaces joined to it by veths."""
+    """A hub namespace with a bridge, and ``n`` rank namespaces joined to it by veths;
+    IPv4 addresses, or with ``ipv6`` IPv6 addresses only."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, ipv6: bool = False) -> None:
         pid = os.getpid()
         self.hub = f"mdhub{pid}"
         self.ranks = [f"md{pid}r{i}" for i in range(n)]
         self.net = 20 + pid % 200
-        self.addresses = [f"10.213.{self.net}.{i + 1}" for i in range(n)]
+        self.ipv6 = ipv6
+        if ipv6:
+            self.addresses = [f"fd13:{self.net}::{i + 1}" for i in range(n)]
+        else:
+            self.addresses = [f"10.213.{self.net}.{i + 1}" for i in range(n)]
         self.created: list[str] = []
+        self.etc_netns_made = False
 
     def create(self) -> None:
         for ns in [self.hub, *self.ranks]:
@@ -61,10 +72,23 @@ class Namespaces:
                 "netns", self.hub)
             _ip("-n", self.hub, "link", "set", f"p{i}", "master", "br0")
             _ip("-n", self.hub, "link", "set", f"p{i}", "up")
-            _ip("-n", ns, "addr", "add", f"{self.addresses[i]}/24", "dev", "eth0")
+            if self.ipv6:  # nodad: usable at once, not after duplicate address detection
+                _ip("-n", ns, "addr", "add", f"{self.addresses[i]}/64", "dev", "eth0", "nodad")
+            else:
+                _ip("-n", ns, "addr", "add", f"{self.addresses[i]}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "-6" if self.ipv6 else "-4", "route", "add", "default", "dev", "eth0")
         subprocess.run(["ip", "netns", "exec", self.ranks[0], "true"], check=True,
                        capture_output=True, timeout=30)
+
+    def write_hosts(self, rank: int, text: str) -> None:
+        """``ip netns exec`` in ``rank``'s namespace will see ``text`` as /etc/hosts."""
+        if not ETC_NETNS.exists():
+            ETC_NETNS.mkdir()
+            self.etc_netns_made = True
+        folder = ETC_NETNS / self.ranks[rank]
+        folder.mkdir(exist_ok=True)
+        (folder / "hosts").write_text(text)
 
     def cut(self, rank: int) -> None:
         """Take ``rank``'s link down at the bridge: its packets go nowhere, no reset."""
@@ -73,18 +97,25 @@ class Namespaces:
     def delete(self) -> None:
         for ns in reversed(self.created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
         self.created.clear()
+        if self.etc_netns_made:
+            try:
+                ETC_NETNS.rmdir()  # only if no one else put a namespace's files there
+            except OSError:
+                pass
 
 
 @pytest.fixture
-def namespaces():
+def namespaces(request):
+    """The namespaces for SIZE ranks: IPv4, or IPv6 only when parametrized "ipv6"."""
     if not sys.platform.startswith("linux"):
         pytest.skip("network namespaces are Linux only")
     if os.geteuid() != 0:
         pytest.skip("making network namespaces needs root")
     if shutil.which("ip") is None:
         pytest.skip("no `ip` command (iproute2)")
-    ns = Namespaces(SIZE)
+    ns = Namespaces(SIZE, ipv6=getattr(request, "param", "ipv4") == "ipv6")
     try:
         try:
             ns.create()
@@ -99,15 +130,18 @@ def namespaces():
 class Rank:
     """A rank process in its namespace; its JSON report lines arrive on a queue."""
 
-    def __init__(self, ns: Namespaces, rank: int) -> None:
+    def __init__(self, ns: Namespaces, rank: int, store_host: str | None = None,
+                 cut: int = CUT, bind_host: str | None = None) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                             os.environ.get("PYTHONPATH")])))
-        env.pop("MOODIST_BIND_HOST", None)
+        for name in ("MOODIST_BIND_HOST", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+            env.pop(name, None)
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns.ranks[rank], sys.executable, "-u",
-             str(ROOT / "tests" / "netns_rank.py"), str(rank), str(SIZE), ns.addresses[0],
-             "29517", str(PEER_TIMEOUT), str(CUT)],
+             str(ROOT / "tests" / "netns_rank.py"), str(rank), str(SIZE),
+             store_host or ns.addresses[0], "29517", str(PEER_TIMEOUT), str(cut),
+             *([bind_host] if bind_host else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env,
         )
@@ -150,15 +184,10 @@ def test_ranks_in_separate_namespaces_and_a_cut_link(namespaces):
     ranks = [Rank(ns, r) for r in range(SIZE)]
     try:
         first = [r.report(1) for r in ranks]
+        _check_phase1(first)
         for rank, out in enumerate(first):
             # Each rank's group listens on its own namespace address, found from the store's.
-            assert out["address"].startswith(f"tcp://{ns.addresses[rank]}:"), out
-            expected = sorted([[float(r)] * 3 for r in range(SIZE) if r != rank], key=str)
-            objects = [g for g in out["got"] if not isinstance(g[0], float)]
-            tensors = [g for g in out["got"] if isinstance(g[0], float)]
-            assert sorted(objects) == [[r, rank] for r in range(SIZE) if r != rank]
-            assert sorted(tensors, key=str) == expected
-            assert out["remote"] == f"for a remote get by {rank}"
+            assert out["address"].startswith(_endpoint(ns.addresses[rank])), out
 
         ns.cut(CUT)
         for r in ranks:
@@ -178,6 +207,53 @@ def test_ranks_in_separate_namespaces_and_a_cut_link(namespaces):
         assert cut["get"]["error"] == "PeerLostError", cut
         assert cut["get"]["rank"] == survivors[-1], cut
         assert all(out["seconds"] < DETECT_LIMIT for out in (cut["put"], cut["get"])), cut
+        codes = [r.stop() for r in ranks]
+        assert codes == [0] * SIZE, ["".join(r.stderr[-20:]) for r in ranks]
+    finally:
+        for r in ranks:
+            if r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait(timeout=10)
+
+
+def _check_phase1(first: list[dict]) -> None:
+    """Every rank got each other rank's object and tensor, and its remote get."""
+    for rank, out in enumerate(first):
+        expected = sorted([[float(r)] * 3 for r in range(SIZE) if r != rank], key=str)
+        objects = [g for g in out["got"] if not isinstance(g[0], float)]
+        tensors = [g for g in out["got"] if isinstance(g[0], float)]
+        assert sorted(objects) == [[r, rank] for r in range(SIZE) if r != rank]
+        assert sorted(tensors, key=str) == expected
+        assert out["remote"] == f"for a remote get by {rank}"
+
+
+def _endpoint(host: str) -> str:
+    return f"tcp://[{host}]:" if ":" in host else f"tcp://{host}:"
+
+
+@pytest.mark.parametrize("namespaces", ["ipv4", "ipv6"], indirect=True)
+@pytest.mark.timeout(180)
+def test_store_named_by_its_hostname_and_a_rank_bound_to_every_interface(namespaces):
+    """``MASTER_ADDR=$(hostname)``: the store's host is given by a name that resolves to
+    127.0.1.1 on that host (as on Debian and Ubuntu) and to its address on the others.
+    Rank 0 (on the store's host) must listen where the others reach it, not on loopback.
+    Rank 1 passes bind_host="0.0.0.0" ("::" on IPv6): it listens on every interface and
+    must be advertised by an address the others can dial, not the wildcard.  Also on
+    hosts with IPv6 only (where the name still maps to 127.0.1.1 at home)."""
+    ns = namespaces
+    name = f"mdnode{os.getpid()}"
+    ns.write_hosts(0, f"127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {name}\n")
+    for rank in range(1, SIZE):
+        ns.write_hosts(rank, f"{ns.addresses[0]} {name}\n")
+    wildcard = "::" if ns.ipv6 else "0.0.0.0"
+    ranks = [Rank(ns, r, store_host=name, cut=-1, bind_host=wildcard if r == 1 else None)
+             for r in range(SIZE)]
+    try:
+        first = [r.report(1) for r in ranks]
+        _check_phase1(first)  # every rank reached every other rank
+        assert first[0]["address"].startswith(_endpoint(ns.addresses[0])), first[0]
+        assert first[1]["address"].startswith(_endpoint(wildcard)), first[1]
+        assert first[2]["address"].startswith(_endpoint(ns.addresses[2])), first[2]
         codes = [r.stop() for r in ranks]
         assert codes == [0] * SIZE, ["".join(r.stderr[-20:]) for r in ranks]
     finally:
@@ -221,3 +297,103 @@ def test_a_group_over_ipv6(cluster):
     out = cluster.run(_ipv6_round_trip, 2, group={"bind_host": "::1"}, timeout=60)
     assert all(address.startswith("tcp://[::1]:") for address, _ in out)
     assert out[0][1] == [0, 1]
+
+
+# What each fake host name resolves to here, and the local address the (fake) routing
+# table sends from to each target: 203.0.113.1 and 2001:db8::1 stand for "anywhere"
+# (moodist.group's default-route probes).
+_HOSTS = {
+    "node7": ["127.0.1.1"],  # this machine's own name, Debian style
+    "dual": ["127.0.1.1", "10.1.2.3"],
+    "v6host": ["fd00::5"],
+    "v4host": ["10.1.2.3"],
+}
+_ROUTES_V4 = {"10.1.2.3": "10.1.2.99", "203.0.113.1": "10.9.8.7"}
+_ROUTES_V6 = {"fd00::5": "fd00::9", "2001:db8::1": "fd00::9"}
+
+
+@pytest.fixture
+def fake_network(monkeypatch):
+    """moodist.group resolves names through _HOSTS and routes through ``routes`` (the
+    dict returned: set ``routes["v4"] = {}`` for a host with no IPv4 route)."""
+    from moodist import group as group_module
+
+    routes = {"v4": dict(_ROUTES_V4), "v6": dict(_ROUTES_V6)}
+
+    def getaddrinfo(host, port, family=0, type=0, *args, **kwargs):
+        if host not in _HOSTS:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        infos = []
+        for address in _HOSTS[host]:
+            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+            if family in (0, fam):
+                sockaddr = (address, port, 0, 0) if fam == socket.AF_INET6 else (address, port)
+                infos.append((fam, socket.SOCK_DGRAM, 17, "", sockaddr))
+        return infos
+
+    def source_address(family, target):
+        return routes["v6" if family == socket.AF_INET6 else "v4"].get(target)
+
+    monkeypatch.setattr(group_module.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(group_module, "_source_address", source_address)
+    for name in ("MOODIST_BIND_HOST", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    return routes
+
+
+def test_a_store_named_as_loopback_binds_loopback(fake_network):
+    """A job on this host alone (the store given as loopback) keeps to loopback, although
+    a default route exists."""
+    from moodist.group import _bind_host_for
+
+    for server in ("127.0.0.1", "localhost", "LOCALHOST", "::1", "127.0.1.1", None):
+        assert _bind_host_for(server) == "127.0.0.1", server
+
+
+def test_the_machines_own_name_binds_where_other_hosts_reach_it(fake_network, monkeypatch):
+    """MASTER_ADDR=$(hostname) on Debian: the name resolves to 127.0.1.1 on its own host;
+    the rank there listens on the default route's interface, unless torchrun says every
+    rank runs on this host."""
+    from moodist.group import _bind_host_for
+
+    assert _bind_host_for("node7") == "10.9.8.7"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _bind_host_for("node7") == "10.9.8.7"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _bind_host_for("node7") == "127.0.0.1"
+    assert _bind_host_for("v4host") == "10.1.2.99"  # another host's name: as before
+
+
+def test_a_non_loopback_address_of_the_store_host_is_preferred(fake_network):
+    from moodist.group import _bind_host_for
+
+    assert _bind_host_for("dual") == "10.1.2.99"
+
+
+def test_ipv6_only_hosts(fake_network):
+    """No IPv4 route: the store's IPv6 address, or the IPv6 default route's interface."""
+    from moodist.group import _advertised_address, _bind_host_for
+
+    fake_network["v4"] = {}
+    assert _bind_host_for("v6host") == "fd00::9"
+    assert _bind_host_for("node7") == "fd00::9"
+    assert _advertised_address("tcp://[::]:4242", "::", "node7") == "tcp://[fd00::9]:4242"
+
+
+def test_a_wildcard_bind_is_advertised_by_a_reachable_address(fake_network):
+    from moodist.group import _advertised_address
+
+    assert _advertised_address("tcp://0.0.0.0:4242", "0.0.0.0", "v4host") == \
+        "tcp://10.1.2.99:4242"
+    assert _advertised_address("tcp://0.0.0.0:4242", "0.0.0.0", "node7") == \
+        "tcp://10.9.8.7:4242"
+    # 0.0.0.0 takes IPv4 only: an IPv6 route would give an address it does not listen on.
+    assert _advertised_address("tcp://0.0.0.0:4242", "0.0.0.0", "v6host") == \
+        "tcp://10.9.8.7:4242"
+    assert _advertised_address("tcp://[::]:4242", "::", "v6host") == "tcp://[fd00::9]:4242"
+    assert _advertised_address("tcp://*:4242", "*", None) == "tcp://10.9.8.7:4242"
+    assert _advertised_address("tcp://0.0.0.0:4242", "0.0.0.0", "localhost") == \
+        "tcp://127.0.0.1:4242"
+    assert _advertised_address("tcp://10.1.2.99:4242", "10.1.2.99", "v4host") == \
+        "tcp://10.1.2.99:4242"
