@@ -398,7 +398,7 @@ def _auth_target(ctx, token):
         if rank == 0:
             loot.put_object("treasure").wait()
             back.put_object("hello").wait()  # rank 0 -> rank 1 connected
-            key = g.node.transport._curve_keys[0].decode() if g.encrypted else ""
+            key = g.node.transport.auth.curve_keys[0].decode() if g.encrypted else ""
             base.set(f"reliability/{token}/key", key)
             base.set(f"reliability/{token}/addr", address)
         else:
