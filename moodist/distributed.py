@@ -67,12 +67,14 @@ class BackendOptions:
     """Settings for the queue side of a ``"moodist"`` group; pass as ``pg_options`` to
     ``init_process_group``/``new_group``.  None means the default of
     :class:`~moodist.MoodistProcessGroup` (``MOODIST_BIND_HOST``, ``MOODIST_PEER_TIMEOUT``,
-    ``MOODIST_ENCRYPT``, else the interface that routes to the store's host, 5 s, and no
-    encryption)."""
+    ``MOODIST_ENCRYPT``, ``MOODIST_SECRET``, else the interface that routes to the store's
+    host, 5 s, no encryption, and a secret agreed through the store).  ``secret`` is left
+    out of the repr."""
 
     bind_host: str | None = None
     peer_timeout: float | None = None
     encrypt: bool | None = None
+    secret: str | bytes | None = dataclasses.field(default=None, repr=False)
 
 
 def _make_group(
@@ -114,7 +116,7 @@ def _make_group(
         made = MoodistProcessGroup(
             dist.PrefixStore("moodist/", store), rank, size,
             bind_host=options.bind_host, peer_timeout=options.peer_timeout,
-            encrypt=options.encrypt,
+            encrypt=options.encrypt, secret=options.secret,
         )
     except BaseException:
         pg.shutdown()

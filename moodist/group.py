@@ -2,14 +2,18 @@
 
 A :class:`MoodistProcessGroup` is built collectively (every rank calls the
 constructor) from any ``torch.distributed.Store``.  Through the store the
-ranks agree on the group's name and secret and learn each other's addresses;
-after that the store is used only for barriers when unnamed queues are made.
+ranks agree on the group's name and learn each other's addresses and
+credentials (see :mod:`moodist.auth`); after that the store is used only for
+barriers when unnamed queues are made.  The group's key is the secret given
+out of band (``secret=``, env ``MOODIST_SECRET``), never written to the
+store, or else a random one agreed through the store.
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import hmac
 import ipaddress
 import json
 import os
@@ -17,11 +21,12 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 import zmq
 
+from .auth import AuthenticationError, membership_proof
 from .node import Node
 from .transport import Transport
 
@@ -78,7 +83,13 @@ class MoodistProcessGroup:
     ``peer_timeout``, seconds after which an unreachable rank is
     declared lost (default: env ``MOODIST_PEER_TIMEOUT``, else 5);
     ``encrypt``, ZMTP CURVE encryption and per-rank keys instead of a shared
-    password (default: env ``MOODIST_ENCRYPT``; every rank must agree).
+    password (default: env ``MOODIST_ENCRYPT``; every rank must agree);
+    ``secret`` (str or bytes), known to every rank out of band, that
+    connections prove knowledge of without sending it (default: env
+    ``MOODIST_SECRET``; else a random one agreed through the store, which
+    keeps out only those who cannot reach the store).  Every rank must pass
+    the same secret: otherwise every rank raises AuthenticationError (a
+    ValueError) naming the ranks that differ, once all have said hello.
     """
 
     def __init__(
@@ -91,6 +102,7 @@ class MoodistProcessGroup:
         bind_host: str | None = None,
         peer_timeout: float | None = None,
         encrypt: bool | None = None,
+        secret: str | bytes | None = None,
     ) -> None:
         if not isinstance(store, dist.Store):
             raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
@@ -104,6 +116,7 @@ class MoodistProcessGroup:
             encrypt = os.environ.get("MOODIST_ENCRYPT", "") not in ("", "0")
         if encrypt and not zmq.has("curve"):
             raise RuntimeError("encrypt=True needs a libzmq built with CURVE support")
+        given = _given_secret(secret)
         self._store = store
         self._store_lock = threading.Lock()
         self._rank = rank
@@ -116,11 +129,22 @@ class MoodistProcessGroup:
         seq = store.add(f"moodist/seq/{rank}", 1)
         self._prefix = f"moodist/pg{seq}"
         host = bind_host or _default_bind_host(store)
-        offer = {"name": name, "secret": secrets.token_hex(16), "nonce": secrets.token_hex(8),
-                 "encrypt": bool(encrypt)}
+        nonce = secrets.token_hex(8)
+        offer = {"name": name, "nonce": nonce, "encrypt": bool(encrypt),
+                 "secret_given": given is not None}
+        if given is None:
+            offer["secret"] = secrets.token_hex(16)
+        else:  # proof of which secret this rank holds; never the secret itself
+            offer["proof"] = membership_proof(given, self._prefix, rank, nonce)
         offers = [json.loads(o) for o in self._exchange("hello", json.dumps(offer))]
+        with_secret = [r for r, o in enumerate(offers) if o.get("secret_given")]
+        if 0 < len(with_secret) < size:
+            raise ValueError(
+                f"ranks {with_secret} were given a secret (secret= or env MOODIST_SECRET) "
+                f"and the others were not: every rank must pass the same secret"
+            )
         for field, what in (("name", "group names"), ("encrypt", "encrypt options")):
-            values = [o[field] for o in offers]
+            values = [o.get(field) for o in offers]
             if len(set(values)) != 1:
                 raise ValueError(
                     f"ranks gave different {what} {values} (by rank); "
@@ -128,14 +152,17 @@ class MoodistProcessGroup:
                 )
         first = offers[0]
         self._name = name if name is not None else f"group-{first['nonce']}"
-        secret = first["secret"].encode()
-        keypair = zmq.curve_keypair() if encrypt else None
+        if given is None:
+            key = str(first["secret"]).encode()
+        else:
+            key = given
+            _check_proofs(key, self._prefix, offers)
         self._encrypted = bool(encrypt)
 
         def make_transport(on_message: Callable[..., None], on_lost: Callable[..., None],
                            on_batch_end: Callable[[], None]) -> Transport:
-            return Transport(rank, size, secret, host, on_message, on_lost, peer_timeout,
-                             on_batch_end, keypair)
+            return Transport(rank, size, key, host, on_message, on_lost, peer_timeout,
+                             on_batch_end, bool(encrypt))
 
         self._node = Node(rank, size, make_transport)
         with _groups_lock:
@@ -145,13 +172,14 @@ class MoodistProcessGroup:
             _groups[self._name] = self
         try:
             transport = self._node.transport
-            me = {"address": _advertised_address(transport.address, host, _store_host(store)),
-                  "curve": keypair[0].decode() if keypair else None,
+            address = _advertised_address(transport.address, host, _store_host(store))
+            transport.auth.listening_at(address)  # the address peers bind passwords to
+            me = {"address": address, "auth": transport.auth.offer(),
                   "shm": transport.shm.offer() if transport.shm is not None else None}
             peers = [json.loads(p) for p in self._exchange("addr", json.dumps(me))]
             transport.start(
                 [p["address"] for p in peers],
-                [p["curve"].encode() for p in peers] if keypair else None,
+                [p["auth"] for p in peers],
                 [p.get("shm") for p in peers],
             )
         except BaseException:
@@ -230,6 +258,37 @@ class MoodistProcessGroup:
             self._store.set(keys[self._rank], value)
             self._store.wait(keys)
             return self._store.multi_get(keys)
+
+
+def _given_secret(secret: str | bytes | None) -> bytes | None:
+    """The secret given out of band: ``secret``, else env MOODIST_SECRET, else None."""
+    if secret is None:
+        secret = os.environ.get("MOODIST_SECRET")
+        if secret is None:
+            return None
+        where = "env MOODIST_SECRET"
+    else:
+        where = "secret"
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes):
+        raise TypeError(f"{where} must be str or bytes, got {type(secret).__name__}")
+    if not secret:
+        raise ValueError(f"{where} is empty; give a long random secret (or none at all)")
+    return secret
+
+
+def _check_proofs(key: bytes, where: str, offers: list[dict[str, Any]]) -> None:
+    """Raise AuthenticationError naming the ranks whose hello was not made with ``key``."""
+    differ = [r for r, o in enumerate(offers)
+              if not hmac.compare_digest(
+                  str(o.get("proof", "")).encode(),
+                  membership_proof(key, where, r, str(o.get("nonce", ""))).encode())]
+    if differ:
+        raise AuthenticationError(
+            f"ranks {differ} hold a different secret than this rank (secret= or env "
+            f"MOODIST_SECRET): every rank must pass the same secret"
+        )
 
 
 def _default_bind_host(store: dist.Store) -> str:

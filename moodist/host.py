@@ -45,7 +45,6 @@ class _RemoteWaiter:
     """What every request waiting at this host shares: who asked (rank and
     request id), its entry in ``Host._waiters``, and its timeout's timer."""
 
-    __slots__ = ()
     host: Host
     rank: int
     req_id: int
@@ -55,7 +54,7 @@ class _RemoteWaiter:
     def _enter(self, host: Host, rank: int, req_id: int, storage: Storage) -> None:
         self.host, self.rank, self.req_id, self.storage = host, rank, req_id, storage
         self.timer = None
-        host._waiters[(rank, req_id)] = self  # type: ignore[assignment]
+        host._waiters[(rank, req_id)] = self
 
     def start_timer(self, timeout: float | None) -> None:
         """Withdraw after ``timeout`` seconds, if still waiting then."""
@@ -82,7 +81,6 @@ class _RemoteWaiter:
 class _RemoteGetter(_RemoteWaiter, Getter):
     """A get from another rank, waiting in a storage's line."""
 
-    __slots__ = ("host", "rank", "req_id", "storage", "timer")
 
     def __init__(self, host: Host, rank: int, req_id: int, kind: ItemKind, storage: Storage):
         Getter.__init__(self, kind)
@@ -109,7 +107,6 @@ class _RemoteGetter(_RemoteWaiter, Getter):
 class _RemotePutter(_RemoteWaiter, Putter):
     """A bounded put from another rank, waiting for room in a storage."""
 
-    __slots__ = ("host", "rank", "req_id", "storage", "timer")
 
     def __init__(self, host: Host, rank: int, req_id: int, items: list[Item], maxsize: int,
                  storage: Storage):
@@ -136,7 +133,6 @@ class _RemoteWatcher(_RemoteWaiter):
     """A remote ``wait()``: answered SIZE once the queue holds an item, or
     SIZE 0 when withdrawn."""
 
-    __slots__ = ("host", "rank", "req_id", "storage", "timer", "_unwatch", "_answered")
 
     def __init__(self, host: Host, rank: int, req_id: int, storage: Storage) -> None:
         self._enter(host, rank, req_id, storage)

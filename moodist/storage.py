@@ -389,8 +389,9 @@ class Storage:
             self._cond.notify_all()
 
 
-def note_put_outcome(error: BaseException, stored: bool) -> None:
-    """Mark ``error``, which interrupted a bounded put, with whether the put was stored."""
+def note_put_outcome(error: BaseException, stored: bool | None) -> None:
+    """Mark ``error``, which interrupted a bounded put, with whether the put was
+    stored (None: unknown, its host did not answer in time)."""
     try:
         error.moodist_stored = stored  # type: ignore[attr-defined]
     except AttributeError:  # pragma: no cover - exceptions without a __dict__

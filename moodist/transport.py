@@ -21,13 +21,17 @@ reconnects (sequence numbers, acknowledgements and resends: see
 the peer has handled the message, or ``on_done(error)`` if the peer is lost or
 the transport closes first.
 
-Authentication: connections are checked through a ZAP handler run by the I/O
-thread.  By default with ZMTP PLAIN: the peer's user name must be a rank of
-the group and its password the group's secret (agreed through the store).
-With ``curve`` (a key pair per rank, public keys agreed through the store),
-with ZMTP CURVE instead: the peer must present the public key of a rank of
-the group, and all traffic is encrypted.  A connection that fails is never
-attached, so strangers cannot deliver a single message.
+Authentication: each connection is checked once, when it is made (and
+again on every reconnect), by a ZAP handler run by the I/O thread; the
+credentials are made and checked by :class:`moodist.auth.Authenticator`
+from the group's key, which never crosses the wire.  By default with ZMTP
+PLAIN: the peer's user name must be a rank of the group and its password
+the digest derived for that rank and this socket.  With ``curve``, with ZMTP
+CURVE instead: the peer must prove it holds the secret key of a rank's
+public key, tagged with the group's key, and all traffic is encrypted.  A
+connection that fails is never attached, so it delivers no message; the
+ROUTER takes a message only if its routing id names the rank its
+connection authenticated as.
 
 Framing: callers send and receive lists of buffers ("frames"), laid out in zmq
 frames as :mod:`moodist.framing` says.
@@ -47,7 +51,6 @@ its peers call ``on_peer_lost`` at once with a PeerLeftError, and log nothing.
 from __future__ import annotations
 
 import heapq
-import hmac
 import itertools
 import logging
 import os
@@ -58,10 +61,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
-import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
 from . import framing
+from .auth import Authenticator
 from .channel import DUPLICATE, NEW, Inbox, OnDone, Outbox
 from .errors import PeerLeftError, PeerLostError
 from .framing import INLINE_MAX, decode_body, encode_body  # noqa: F401 - INLINE_MAX re-exported
@@ -192,20 +195,18 @@ class Transport:
         self,
         rank: int,
         size: int,
-        secret: bytes,
+        key: bytes,
         bind_host: str,
         on_message: Callable[[int, list[zmq.Frame]], None],
         on_peer_lost: Callable[[int, PeerLostError], None],
         peer_timeout: float | None = None,
         on_batch_end: Callable[[], None] | None = None,
-        curve_keypair: tuple[bytes, bytes] | None = None,
+        curve: bool = False,
     ) -> None:
+        """``key``: the group's key (see :mod:`moodist.auth`); ``curve``: ZMTP
+        CURVE (encrypted) instead of PLAIN."""
         self.rank = rank
         self.size = size
-        self._secret = secret
-        self._curve = curve_keypair  # (public, secret), z85; None: PLAIN
-        self._curve_ranks: dict[bytes, int] = {}  # binary public key -> rank
-        self._curve_keys: list[bytes] = []
         self._on_message = on_message
         self._on_peer_lost = on_peer_lost
         self._on_batch_end = on_batch_end or (lambda: None)
@@ -218,15 +219,14 @@ class Transport:
         self._zap = self._ctx.socket(zmq.REP)
         self._zap.bind(_ZAP_ENDPOINT)
         self._router = self._ctx.socket(zmq.ROUTER)
-        if curve_keypair is None:
-            self._router.plain_server = True
-        else:
-            self._router.curve_server = True
-            self._router.curve_secretkey = curve_keypair[1]
         self._router.rcvhwm = 0
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.auth = Authenticator(key, rank, size, curve)
+        for option, value in self.auth.server_options().items():  # before bind: they stick
+            setattr(self._router, option, value)
         port = self._router.bind_to_random_port(f"tcp://{_bracket(bind_host)}")
         self.address = f"tcp://{_bracket(bind_host)}:{port}"
+        self.auth.listening_at(self.address)
         wake_addr = f"inproc://moodist-wake-{id(self)}"
         self._wake_rx = self._ctx.socket(zmq.PULL)
         self._wake_rx.bind(wake_addr)
@@ -248,20 +248,17 @@ class Transport:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, addresses: Sequence[str], curve_keys: Sequence[bytes] | None = None,
+    def start(self, addresses: Sequence[str], auth_offers: Sequence[dict[str, str]],
               shm_offers: Sequence[Any] | None = None) -> None:
-        """Learn every rank's address, (with CURVE) public key and shared-memory
-        offer (``self.shm.offer()`` or None), index = rank, and start the I/O
-        thread."""
+        """Learn every rank's address (its ``address``, exactly), credentials
+        offer (its ``auth.offer()``) and shared-memory offer (``shm.offer()``
+        or None), index = rank, and start the I/O thread.  Raises
+        AuthenticationError, starting nothing, if an offer was not made with
+        this group's key."""
         if len(addresses) != self.size:
             raise ValueError("need one address per rank")
-        if (curve_keys is None) != (self._curve is None) or (
-                curve_keys is not None and len(curve_keys) != self.size):
-            raise ValueError("need one CURVE public key per rank exactly when using CURVE")
+        self.auth.learn(list(addresses), list(auth_offers))
         self._addresses = list(addresses)
-        if curve_keys is not None:
-            self._curve_keys = list(curve_keys)
-            self._curve_ranks = {zmq.utils.z85.decode(k): r for r, k in enumerate(curve_keys)}
         if self.shm is not None:
             self.shm.connect(self.rank, shm_offers or [])
         self._thread.start()
@@ -355,12 +352,8 @@ class Transport:
                 return peer
             sock = self._ctx.socket(zmq.DEALER)
             sock.routing_id = _RANK_ID.pack(self.rank)
-            if self._curve is None:
-                sock.plain_username = str(self.rank).encode()
-                sock.plain_password = self._secret
-            else:
-                sock.curve_publickey, sock.curve_secretkey = self._curve
-                sock.curve_serverkey = self._curve_keys[rank]
+            for option, value in self.auth.client_options(rank).items():
+                setattr(sock, option, value)
             sock.sndhwm = 0
             sock.heartbeat_ivl = 1000
             sock.heartbeat_timeout = max(1000, int(self.peer_timeout * 500))
@@ -591,20 +584,9 @@ class Transport:
         if len(parts) < 6:
             return
         version, request_id, _domain, address, _identity, mechanism = parts[:6]
-        credentials = parts[6:]
-        ok = False
-        user = b""
-        if self._curve is None and mechanism == b"PLAIN" and len(credentials) == 2:
-            user, password = credentials
-            ok = (
-                user.isdigit()
-                and 0 <= int(user) < self.size
-                and hmac.compare_digest(password, self._secret)
-            )
-        elif self._curve is not None and mechanism == b"CURVE" and len(credentials) == 1:
-            member = self._curve_ranks.get(credentials[0])
-            ok = member is not None
-            user = str(member).encode() if ok else b""
+        member = self.auth.member(mechanism, parts[6:])
+        ok = member is not None
+        user = str(member).encode() if ok else b""
         if not ok:
             log.warning("moodist: refused a connection from %s (not a member of this group)",
                         address.decode(errors="replace"))
@@ -630,7 +612,8 @@ class Transport:
                 self._schedule_liveness_check(peer)
         elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
             self._lose(peer, PeerLostError(
-                peer.rank, "it refused our credentials (is it in another group?)"))
+                peer.rank, "it refused our credentials (is it in another group, or was "
+                           "its entry in the store tampered with?)"))
 
     def _schedule_liveness_check(self, peer: _Peer) -> None:
         since = peer.down_since

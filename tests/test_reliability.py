@@ -46,7 +46,6 @@ import zmq
 from cluster import drain_objects, poll_until
 from zmq.utils.monitor import recv_monitor_message
 
-import moodist
 from moodist import Empty, GroupShutdownError, PeerLostError, Queue, RemoteError, framing, protocol
 from moodist.items import Item, ItemKind, object_item
 from moodist.protocol import HEADER, Kind, QueueRef
@@ -402,7 +401,7 @@ def _auth_target(ctx, token):
         if rank == 0:
             loot.put_object("treasure").wait()
             back.put_object("hello").wait()  # rank 0 -> rank 1 connected
-            key = g.node.transport._curve_keys[0].decode() if g.encrypted else ""
+            key = g.node.transport.auth.curve_keys[0].decode() if g.encrypted else ""
             base.set(f"reliability/{token}/key", key)
             base.set(f"reliability/{token}/addr", address)
         else:
