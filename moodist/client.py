@@ -220,6 +220,8 @@ class Client:
                     self.transport.send(rank, protocol.encode_simple(Kind.RETURN, msg.req_id))
                 return
         if fut is None:
+            if msg.kind is Kind.ITEM:  # for no request of ours: never keep it from the queue
+                self.transport.send(rank, protocol.encode_simple(Kind.RETURN, msg.req_id))
             return
         if error_reply is not None:
             fut.set_error(_error_from(*error_reply, rank))

@@ -320,13 +320,17 @@ _VERDICTS = {
 
 
 def _stranger_messages() -> list[list[object]]:
-    """Well-formed moodist messages: a put, a get of the loot, a multicast put."""
-    return [
-        framing.encode(protocol.encode_put(1, _ref("n/auth"), (), [object_item("stranger")])),
-        framing.encode(protocol.encode_get(2, _ref("n/loot"), ItemKind.OBJECT, None)),
-        framing.encode(protocol.encode_put(3, _ref("n/auth"), (0, 1), [object_item("mc")])),
-        framing.encode(protocol.encode_qsize(4, _ref("n/loot"), False, None)),
+    """Well-formed moodist messages: puts numbered 1 to 8 (one of them is the number
+    the target expects next from the rank the stranger poses as, and those after it
+    follow), then a get of the loot, a multicast put and a qsize numbered 9 to 11."""
+    bodies = [
+        protocol.encode_put(1, _ref("n/auth"), (), [object_item("from a stranger")]),
+        protocol.encode_get(2, _ref("n/loot"), ItemKind.OBJECT, None),
+        protocol.encode_put(3, _ref("n/auth"), (0, 1), [object_item("multicast")]),
+        protocol.encode_qsize(4, _ref("n/loot"), False, None),
     ]
+    puts = [framing.encode(bodies[0], seq) for seq in range(1, 9)]
+    return puts + [framing.encode(body, seq) for seq, body in enumerate(bodies[1:], 9)]
 
 
 def _curve_attacks(server_key: bytes | None) -> dict[str, dict[str, object]]:
