@@ -15,8 +15,17 @@ With torch.distributed (``import moodist`` registers the ``"moodist"`` backend):
 
 from queue import Empty, Full
 
+from .auth import AuthenticationError
 from .distributed import BackendOptions, process_group, register_backend
-from .errors import GroupShutdownError, ItemKindError, PeerLostError, RemoteError
+from .errors import (
+    GroupShutdownError,
+    ItemDecodeError,
+    ItemKindError,
+    PeerLeftError,
+    PeerLostError,
+    QueueMismatchError,
+    RemoteError,
+)
 from .group import MoodistProcessGroup, TcpStore, find_process_group
 from .queue import Queue, QueueWork, TransactionContextManager
 from .serialize import deserialize, serialize
@@ -26,14 +35,18 @@ register_backend()
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "BackendOptions",
     "Empty",
     "Full",
     "GroupShutdownError",
+    "ItemDecodeError",
     "ItemKindError",
     "MoodistProcessGroup",
+    "PeerLeftError",
     "PeerLostError",
     "Queue",
+    "QueueMismatchError",
     "QueueWork",
     "RemoteError",
     "TcpStore",

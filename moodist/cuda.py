@@ -66,6 +66,7 @@ class Stager:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._in_flight = 0  # submitted, not yet handed to the node
+        self._closed = False
 
     def busy(self) -> bool:
         """True while a submitted put has not been handed to the node yet:
@@ -76,6 +77,8 @@ class Stager:
         """Queue one put; the returned Future completes as ``send()``'s does."""
         outcome = Future()
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the process group of this CUDA put was shut down")
             self._jobs.append((ready, send, outcome))
             self._in_flight += 1
             if self._thread is None:
@@ -90,10 +93,22 @@ class Stager:
         with self._cond:
             return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
 
+    def close(self, timeout: float | None = None) -> None:
+        """Hand over what was submitted (up to ``timeout``), then stop the thread."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._jobs))
+                self._cond.wait_for(lambda: bool(self._jobs) or self._closed)
+                if not self._jobs:
+                    return
                 ready, send, outcome = self._jobs.popleft()
             try:
                 ready()

@@ -125,6 +125,7 @@ class MoodistProcessGroup:
         self._queues_lock = threading.Lock()
         self._unnamed_count = 0
         self._shutdown = False
+        self._pid = os.getpid()  # in a forked child this group is the parent's
 
         seq = store.add(f"moodist/seq/{rank}", 1)
         self._prefix = f"moodist/pg{seq}"
@@ -205,8 +206,9 @@ class MoodistProcessGroup:
 
     def shutdown(self) -> None:
         """Stop this rank's part of the group.  Blocked and later operations
-        raise GroupShutdownError.  Idempotent; never hangs."""
-        if self._shutdown:
+        raise GroupShutdownError.  Idempotent; never hangs.  A no-op in a
+        forked child (the group, its sockets and threads are the parent's)."""
+        if self._shutdown or os.getpid() != self._pid:
             return
         self._shutdown = True
         with _groups_lock:
@@ -434,9 +436,29 @@ def _source_address(family: int, target: str) -> str | None:
     return None if _is_loopback(source) else source
 
 
-@atexit.register
 def _shutdown_all() -> None:
+    """At interpreter exit: shut every group down (puts in flight are delivered
+    first).  Runs when the main thread ends, before Python joins the other
+    non-daemon threads, so that one blocked in a moodist call gets
+    GroupShutdownError instead of hanging the exit."""
     with _groups_lock:
         groups = list(_groups.values())
     for group in groups:
         group.shutdown()
+
+
+def _forget_all_in_child() -> None:
+    """In a forked child: the parent's groups (sockets, threads) are not ours to
+    shut down; the child starts with none."""
+    global _groups_lock
+    _groups_lock = threading.Lock()
+    _groups.clear()
+
+
+atexit.register(_shutdown_all)
+try:  # before non-daemon threads are joined (as concurrent.futures does)
+    threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):  # pragma: no cover - another Python
+    pass
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)

@@ -104,7 +104,7 @@ def _stager(node: Node, create: bool = True) -> Stager | None:
             stager = _stagers.get(node)
             if stager is None:
                 stager = _stagers[node] = Stager(f"moodist-cuda-{node.rank}")
-                node.before_close(stager.flush)  # staged puts go out before shutdown
+                node.before_close(stager.close)  # staged puts go out, then it stops
     return stager
 
 

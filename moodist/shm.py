@@ -140,6 +140,7 @@ class Link:
                  pool_bytes: int = POOL_BYTES) -> None:
         """Create the probe file; raises OSError if ``directory`` is unusable."""
         self.id = secrets.token_hex(8)
+        self._pid = os.getpid()  # a forked child must not touch our files
         self.min_size = max(1, min_size)
         self._token = secrets.token_hex(16)
         self._dir = directory
@@ -370,7 +371,7 @@ class Link:
             raise ValueError(f"shared-memory segment {name} is not lent under this descriptor")
         _STATE.pack_into(mm, _STATE_AT, ATTACHED)
         array = np.frombuffer(mm, np.uint8, n, HEADER_SIZE)
-        weakref.finalize(array, _release, mm, gen).atexit = False
+        weakref.finalize(array, _release, mm, gen, os.getpid()).atexit = False
         self.stats["received"] += 1
         return array
 
@@ -391,6 +392,8 @@ class Link:
         """Wait up to ``grace`` seconds for lent segments to be attached, then
         unlink every file of this link.  Idempotent; receivers keep the
         mappings they hold."""
+        if os.getpid() != self._pid:  # inherited by fork: the parent still uses them
+            return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             with self._lock:
@@ -421,8 +424,11 @@ def _copy_into(dst: torch.Tensor, src: memoryview) -> None:
         np.copyto(dst.numpy(), np.frombuffer(flat, np.uint8))
 
 
-def _release(mm: mmap.mmap, gen: int) -> None:
-    """The receiver's buffer is gone: hand the segment back (any thread)."""
+def _release(mm: mmap.mmap, gen: int, pid: int) -> None:
+    """The receiver's buffer is gone: hand the segment back (any thread).  Not
+    from a forked child: its copy of the buffer going is not the parent's."""
+    if os.getpid() != pid:
+        return
     try:
         magic, state, seg_gen = _HEADER.unpack_from(mm, 0)
         if magic == _MAGIC and state == ATTACHED and seg_gen == gen:

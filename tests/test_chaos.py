@@ -1,0 +1,112 @@
+"""A chaos soak (issue 9): consumers of a work queue are SIGKILLed and restarted at random.
+
+Each generation starts a host (rank 0, a bounded queue), two producers and two active
+consumers, plus standby consumers; at random times the test SIGKILLs an active consumer
+and activates a standby in its place (a restart).  Consumers log every item their get
+returned, flushed, so a killed one's record survives it.  At the end every item put
+must be accounted for exactly once: none duplicated, none that was never put, and at
+most one missing per killed consumer (the item it had in hand after its get returned,
+before it could log it); each consumer saw each producer's items in order; the host
+holds nothing and no lease.  The queue is bounded, so the run is steady-state:
+``MOODIST_CHAOS_SECONDS`` (default 15) runs generations of up to 60 s for as long as
+asked, each checked on its own, within bounded memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch.distributed as dist
+
+SCRIPT = Path(__file__).with_name("chaos_rank.py")
+SECONDS = float(os.environ.get("MOODIST_CHAOS_SECONDS", "15"))
+SEED = int(os.environ.get("MOODIST_CHAOS_SEED", "1"))
+PRODUCERS, ACTIVE, KILLS = 2, 2, 3
+PEER_TIMEOUT = 1.0
+WAIT = datetime.timedelta(seconds=120)
+
+
+def _generation(logdir: Path, seconds: float, rng: random.Random) -> dict:
+    logdir.mkdir()
+    size = 1 + PRODUCERS + ACTIVE + KILLS
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=WAIT)
+    store = dist.PrefixStore("chaos/", master)
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(rank), str(size),
+                               str(master.port), str(PRODUCERS), str(ACTIVE), str(logdir),
+                               str(PEER_TIMEOUT)])
+             for rank in range(size)]
+    try:
+        store.wait([f"ready/{r}" for r in range(size)])
+        consumers = list(range(1 + PRODUCERS, size))
+        active, standby = consumers[:ACTIVE], consumers[ACTIVE:]
+        start = time.monotonic()
+        killed = []
+        for at in sorted(rng.uniform(0.1, 0.7) * seconds for _ in range(KILLS)):
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            victim = rng.choice(active)
+            procs[victim].kill()
+            procs[victim].wait(30)
+            active.remove(victim)
+            killed.append(victim)
+            replacement = standby.pop(0)
+            store.set(f"activate/{replacement}", "1")
+            active.append(replacement)
+        time.sleep(max(0.0, start + seconds - time.monotonic()))
+        store.set("stop-producing", "1")
+        producers = range(1, 1 + PRODUCERS)
+        store.wait([f"produced/{r}" for r in producers])
+        produced = {r: int(store.get(f"produced/{r}")) for r in producers}
+        store.set("drain", "1")
+        store.wait([f"drained/{r}" for r in active])
+        store.set("finished", "1")
+        store.wait(["host/qsize", "host/leases", "host/rss_mb"])
+        host = {k: float(store.get(f"host/{k}")) for k in ("qsize", "leases", "rss_mb")}
+        for rank, proc in enumerate(procs):
+            if rank not in killed:
+                assert proc.wait(60) == 0, f"rank {rank} exited with {proc.returncode}"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    return _account(logdir, produced, killed, host)
+
+
+def _account(logdir: Path, produced: dict[int, int], killed: list[int], host: dict) -> dict:
+    received: Counter = Counter()
+    for log in sorted(logdir.glob("consumer-*.log")):
+        last: dict[int, int] = {}
+        for line in log.read_text().splitlines():
+            sender, i = map(int, line.split())
+            assert i > last.get(sender, -1), f"{log.name}: producer {sender} out of order"
+            last[sender] = i
+            received[(sender, i)] += 1
+    put = {(r, i) for r, n in produced.items() for i in range(n)}
+    duplicated = [item for item, n in received.items() if n > 1]
+    invented = set(received) - put
+    missing = put - set(received)
+    assert not duplicated, f"received twice: {duplicated[:10]}"
+    assert not invented, f"received but never put: {sorted(invented)[:10]}"
+    assert len(missing) <= len(killed), f"lost {sorted(missing)} with {len(killed)} kills"
+    assert host["qsize"] == 0 and host["leases"] == 0, host
+    assert host["rss_mb"] < 2048, host
+    return {"put": len(put), "received": sum(received.values()), "kills": len(killed),
+            "missing": len(missing), "host_rss_mb": round(host["rss_mb"])}
+
+
+def test_consumers_killed_and_restarted_lose_and_duplicate_nothing(tmp_path):
+    rng = random.Random(SEED)
+    deadline = time.monotonic() + SECONDS
+    generations = []
+    while not generations or time.monotonic() < deadline:
+        seconds = max(5.0, min(60.0, deadline - time.monotonic()))
+        generations.append(_generation(tmp_path / f"gen{len(generations)}", seconds, rng))
+        print(f"chaos generation {len(generations)}: {generations[-1]}")
+    assert sum(g["put"] for g in generations) > 0
