@@ -241,6 +241,8 @@ class Transport:
         self._tick_lock = threading.Lock()
         self._tick_armed = False  # a resync tick is scheduled
         self._ack_due: set[_Peer] = set()  # I/O thread: peers to acknowledge after a batch
+        # What recovering from lost messages took (rare paths only; for tests and debugging).
+        self.stats = {"resent": 0, "duplicates": 0, "gaps": 0, "syncs": 0}
         self._closing = False  # the I/O thread is asked to stop
         self._closed = False  # sockets are being closed: nothing more is sent
         self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
@@ -411,6 +413,7 @@ class Transport:
                 continue
             pending = True
             if oldest == peer.tick_oldest:
+                self.stats["syncs"] += 1
                 self._send_control(peer, framing.SYNC, last)
             peer.tick_oldest = oldest
         if pending:
@@ -553,9 +556,12 @@ class Transport:
             inbox.handled_upto(seq)
             self._ack_due.add(peer)
         elif state is DUPLICATE:
+            self.stats["duplicates"] += 1
             self._ack_due.add(peer)  # its acknowledgement may be what was lost
-        elif inbox.should_nack():
-            self._send_control(peer, framing.NACK, inbox.expected)
+        else:
+            self.stats["gaps"] += 1
+            if inbox.should_nack():
+                self._send_control(peer, framing.NACK, inbox.expected)
 
     def _acknowledged(self, peer: _Peer, ack: int) -> None:
         with peer.lock:
@@ -569,6 +575,7 @@ class Transport:
                 return
             ack = peer.inbox.ack_sent = peer.inbox.handled
             for entry_seq, body, large, _on_done in peer.outbox.from_seq(seq):
+                self.stats["resent"] += 1
                 peer.socket.send_multipart(
                     [framing.head(framing.DATA, entry_seq, ack) + body, *large], copy=False)
 
@@ -604,6 +611,7 @@ class Transport:
                 pending = bool(peer.outbox.unacked)
                 last = peer.outbox.last_sent
             if pending and not peer.lost:  # what was in flight may be lost: ask
+                self.stats["syncs"] += 1
                 self._send_control(peer, framing.SYNC, last)
         elif event == zmq.EVENT_DISCONNECTED:
             if peer.connected:

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,18 @@ class Namespaces:
         """Take ``rank``'s link down at the bridge: its packets go nowhere, no reset."""
         _ip("-n", self.hub, "link", "set", f"p{rank}", "down")
 
+    def restore(self, rank: int) -> None:
+        _ip("-n", self.hub, "link", "set", f"p{rank}", "up")
+
+    def reset_connections(self, rank: int, spare_port: int) -> int:
+        """Kill every TCP connection of ``rank``'s namespace but those of
+        ``spare_port`` (the store's), as a middlebox that drops state would: what was
+        in flight on them is lost.  Returns how many."""
+        spare = f"not ( dport = :{spare_port} or sport = :{spare_port} )"
+        out = subprocess.run(["ip", "netns", "exec", self.ranks[rank], "ss", "-K", "-t", spare],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.count("ESTAB")
+
     def delete(self) -> None:
         for ns in reversed(self.created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
@@ -131,7 +144,9 @@ class Rank:
     """A rank process in its namespace; its JSON report lines arrive on a queue."""
 
     def __init__(self, ns: Namespaces, rank: int, store_host: str | None = None,
-                 cut: int = CUT, bind_host: str | None = None) -> None:
+                 cut: int = CUT, bind_host: str | None = None,
+                 script: tuple[str, ...] | None = None) -> None:
+        """Runs netns_rank.py, or ``script``: a script of tests/ and its arguments."""
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                             os.environ.get("PYTHONPATH")])))
@@ -139,9 +154,10 @@ class Rank:
             env.pop(name, None)
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns.ranks[rank], sys.executable, "-u",
-             str(ROOT / "tests" / "netns_rank.py"), str(rank), str(SIZE),
-             store_host or ns.addresses[0], "29517", str(PEER_TIMEOUT), str(cut),
-             *([bind_host] if bind_host else [])],
+             *([str(ROOT / "tests" / script[0]), *script[1:]] if script else [
+                 str(ROOT / "tests" / "netns_rank.py"), str(rank), str(SIZE),
+                 store_host or ns.addresses[0], "29517", str(PEER_TIMEOUT), str(cut),
+                 *([bind_host] if bind_host else [])])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env,
         )
@@ -156,9 +172,9 @@ class Rank:
             self.lines.put(line)
         self.lines.put(None)
 
-    def report(self, phase: int) -> dict:
+    def report(self, phase: int | str, timeout: float = LINE_TIMEOUT) -> dict:
         try:
-            line = self.lines.get(timeout=LINE_TIMEOUT)
+            line = self.lines.get(timeout=timeout)
         except queue.Empty:
             line = None
         out = json.loads(line) if line else {"phase": "no report"}
@@ -397,3 +413,45 @@ def test_a_wildcard_bind_is_advertised_by_a_reachable_address(fake_network):
         "tcp://127.0.0.1:4242"
     assert _advertised_address("tcp://10.1.2.99:4242", "10.1.2.99", "v4host") == \
         "tcp://10.1.2.99:4242"
+
+
+BLIP_COUNT = 1500  # objects each rank streams, one every 2 ms or so
+BLIP_PEER_TIMEOUT = 6.0
+
+
+@pytest.mark.timeout(180)
+def test_a_blip_shorter_than_peer_timeout_loses_and_duplicates_nothing(namespaces):
+    """While every rank streams puts and takes with local and remote gets, rank 2's link
+    goes down for about 1 s and its TCP connections are killed: whatever was in flight
+    on them is resent, nothing is handled twice, and order per sender holds."""
+    ns = namespaces
+    if shutil.which("ss") is None:
+        pytest.skip("no `ss` command (iproute2) to reset connections")
+    args = [str(SIZE), ns.addresses[0], "29518", str(BLIP_PEER_TIMEOUT), str(BLIP_COUNT)]
+    ranks = [Rank(ns, r, script=("netns_blip_rank.py", str(r), *args)) for r in range(SIZE)]
+    try:
+        for r in ranks:
+            r.report("streaming")
+        ns.cut(CUT)
+        killed = ns.reset_connections(CUT, spare_port=29518)
+        time.sleep(1.0)  # the blip itself: a length of time is what is being tested
+        ns.restore(CUT)
+        done = [r.report("done", timeout=120) for r in ranks]
+    finally:
+        for r in ranks:
+            r.stop()
+    assert killed > 0, "ss -K reset no connection"
+    for host in range(SIZE):
+        producer = (host - 1) % SIZE
+        local = [tuple(x) for x in done[host]["got"]["local"]]
+        remote = [tuple(x) for x in done[(host + 1) % SIZE]["got"]["remote"]]
+        for got in (local, remote):
+            assert all(sender == producer for sender, _i in got)
+            assert [i for _s, i in got] == sorted(i for _s, i in got), "order per sender"
+        everything = sorted(local + remote)
+        assert everything == [(producer, i) for i in range(BLIP_COUNT)], (
+            f"queue at rank {host}: {len(everything)} items, "
+            f"{len(set(everything))} distinct, of {BLIP_COUNT}")
+    assert all(not out["errors"] for out in done), [out["errors"] for out in done]
+    print("recovery:", [out["stats"] for out in done])
+    assert sum(out["stats"]["resent"] + out["stats"]["syncs"] for out in done) > 0
