@@ -116,3 +116,11 @@ class Inbox:
 
     def ack_due(self) -> bool:
         return self.handled > self.ack_sent
+
+    def answer_sync(self, last_sent: int) -> int:
+        """The peer says it sent up to ``last_sent``: the seq to NACK (resend
+        from), or 0 if nothing is missing (then ACK)."""
+        if self.expected <= last_sent:
+            self.nacked = self.expected
+            return self.expected
+        return 0

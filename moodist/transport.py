@@ -527,10 +527,9 @@ class Transport:
         elif control == framing.NACK:
             self._resend(peer, seq)
         elif control == framing.SYNC:
-            inbox = peer.inbox
-            if inbox.expected <= seq:  # something it sent is missing here
-                inbox.nacked = inbox.expected
-                self._send_control(peer, framing.NACK, inbox.expected)
+            missing = peer.inbox.answer_sync(seq)
+            if missing:
+                self._send_control(peer, framing.NACK, missing)
             else:
                 self._send_control(peer, framing.ACK)
         elif control == framing.LOST:
