@@ -179,6 +179,7 @@ def process_group(
     bind_host: str | None = None,
     peer_timeout: float | None = None,
     encrypt: bool | None = None,
+    join_timeout: float | None = None,
 ) -> MoodistProcessGroup:
     """The MoodistProcessGroup that queues on ``group`` use (default: the WORLD group).
 
@@ -186,8 +187,9 @@ def process_group(
     returned as is.  For a group of another backend, the first call on this rank attaches
     one and later calls return it: the first call is **collective**, every rank of
     ``group`` must make it (or construct a Queue on ``group``), and it waits for them up
-    to the job's store timeout.  ``bind_host``/``peer_timeout``/``encrypt`` apply to that
-    first call.
+    to the job's store timeout (or ``join_timeout`` seconds: then TimeoutError naming the
+    ranks that did not).  ``bind_host``/``peer_timeout``/``encrypt`` apply to that first
+    call.
     Location ranks of its queues are ranks of ``group``.  The queue side is shut down
     when torch destroys the group (``destroy_process_group``), or at exit.
     """
@@ -218,7 +220,7 @@ def process_group(
         store = _group_store(group)
         made = MoodistProcessGroup(dist.PrefixStore("moodist/", store), group.rank(),
                                    group.size(), bind_host=bind_host, peer_timeout=peer_timeout,
-                                   encrypt=encrypt)
+                                   encrypt=encrypt, join_timeout=join_timeout)
         _remember(group, made)
         return made
 

@@ -89,7 +89,9 @@ class MoodistProcessGroup:
     ``MOODIST_SECRET``; else a random one agreed through the store, which
     keeps out only those who cannot reach the store).  Every rank must pass
     the same secret: otherwise every rank raises AuthenticationError (a
-    ValueError) naming the ranks that differ, once all have said hello.
+    ValueError) naming the ranks that differ, once all have said hello;
+    ``join_timeout``, seconds to wait for every rank to construct the group
+    (default: the store's timeout), then TimeoutError naming those missing.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class MoodistProcessGroup:
         peer_timeout: float | None = None,
         encrypt: bool | None = None,
         secret: str | bytes | None = None,
+        join_timeout: float | None = None,
     ) -> None:
         if not isinstance(store, dist.Store):
             raise TypeError(f"store must be a torch.distributed.Store, got {type(store).__name__}")
@@ -137,7 +140,8 @@ class MoodistProcessGroup:
             offer["secret"] = secrets.token_hex(16)
         else:  # proof of which secret this rank holds; never the secret itself
             offer["proof"] = membership_proof(given, self._prefix, rank, nonce)
-        offers = [json.loads(o) for o in self._exchange("hello", json.dumps(offer))]
+        offers = [json.loads(o)
+                  for o in self._exchange("hello", json.dumps(offer), join_timeout)]
         with_secret = [r for r, o in enumerate(offers) if o.get("secret_given")]
         if 0 < len(with_secret) < size:
             raise ValueError(
@@ -253,12 +257,22 @@ class MoodistProcessGroup:
             self._unnamed_count += 1
             return f"u/{self._unnamed_count}"
 
-    def _exchange(self, tag: str, value: str) -> list[bytes]:
-        """All ranks publish ``value`` under ``tag``; return every rank's, by rank."""
+    def _exchange(self, tag: str, value: str, timeout: float | None = None) -> list[bytes]:
+        """All ranks publish ``value`` under ``tag``; return every rank's, by rank.
+        Waits up to ``timeout`` seconds (None: the store's timeout); then raises
+        TimeoutError naming the ranks that did not come."""
         keys = [f"{self._prefix}/{tag}/{r}" for r in range(self._size)]
         with self._store_lock:
             self._store.set(keys[self._rank], value)
-            self._store.wait(keys)
+            if timeout is None:
+                self._store.wait(keys)
+            else:
+                try:
+                    self._store.wait(keys, datetime.timedelta(seconds=timeout))
+                except dist.DistStoreError:
+                    missing = [r for r, key in enumerate(keys) if not self._store.check([key])]
+                    raise TimeoutError(
+                        f"ranks {missing} did not join within {timeout:g} s") from None
             return self._store.multi_get(keys)
 
 

@@ -33,6 +33,17 @@ log = logging.getLogger("moodist.host")
 Request = Callable[[int, Callable[[int], list[Any]], bool], Future]
 
 
+def _settle(done: Future, news: list[PeerLostError]) -> None:
+    """Complete a multicast put stored at every living copy: with the news of a
+    lost copy, if there is any for its putter."""
+    if not news:
+        done.set_result()
+        return
+    lost = news[0]
+    done.set_error(PeerLostError(lost.rank, f"{lost.reason}; this multicast put and later "
+                                            f"ones go to the living copies only"))
+
+
 class Refused(Exception):
     """A request the host answers with ERROR ``code``."""
 
@@ -172,6 +183,8 @@ class Host:
         self._leases_lock = threading.Lock()
         self._gone: set[int] = set()  # ranks lost or left: nothing more is leased to them
         self._sequence_lock = threading.Lock()
+        self._told_lock = threading.Lock()
+        self._told: set[tuple[str, int, int]] = set()  # (qid, putter, lost copy) reported
         self._closed: BaseException | None = None
 
     # ------------------------------------------------------------------ storages
@@ -275,26 +288,36 @@ class Host:
         send them to the other copies, all under one lock so every copy sees
         one order.  Completes once every copy has stored them."""
         storage = self._storage_for(origin, ref)
-        copies = [r for r in route[1:] if r != self.rank]
+        copies = []
+        news: list[PeerLostError] = []  # copies lost that ``origin`` has not been told of
+        for r in route[1:]:
+            error = self.transport.lost_error(r) if r != self.rank else None
+            if error is None:
+                if r != self.rank:
+                    copies.append(r)
+            elif self._first_news(ref.qid, origin, r):
+                news.append(error)
         for item in items:
             item.shared = bool(copies)
         done = Future()
         if not copies:
             storage.put(items)
-            done.set_result()
+            _settle(done, news)
             return done
         remaining = [len(copies)]
         lock = threading.Lock()
 
         def on_copy(fut: Future) -> None:
             error = fut.error()
+            if isinstance(error, PeerLostError):
+                self._first_news(ref.qid, origin, error.rank)
             with lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if error is not None:
                 done.set_error(error)
             elif last:
-                done.set_result()
+                _settle(done, news)
 
         with self._sequence_lock:
             # Copies leave before the local getters can see the items, so a
@@ -310,6 +333,16 @@ class Host:
         for fut in futures:
             fut.add_done_callback(on_copy)
         return self._track(done)
+
+    def _first_news(self, qid: str, origin: int, lost: int) -> bool:
+        """True the first time ``origin``'s multicast put to ``qid`` meets copy ``lost``
+        gone (that put fails, naming it; later ones go to the living copies)."""
+        key = (qid, origin, lost)
+        with self._told_lock:
+            if key in self._told:
+                return False
+            self._told.add(key)
+            return True
 
     def on_put_bounded(self, rank: int, msg: Message) -> None:
         ref, maxsize, timeout, items = protocol.decode_put_bounded(msg)

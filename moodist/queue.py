@@ -184,7 +184,8 @@ class Queue:
         name: str | None = None,
         maxsize: int = 0,
     ) -> Queue:
-        group = _resolve_group(process_group)
+        group = _resolve_group(process_group, named=name is not None)
+        group.node._check_open()  # a queue on a group that was shut down is of no use
         locations = _parse_location(location, group.size())
         if streaming:
             raise NotImplementedError("streaming queues are not implemented; use streaming=False")
@@ -454,15 +455,28 @@ def _rebuild_queue(group_name: str, location: int | list[int], name: str,
     return Queue(group, location, name=name, maxsize=maxsize)
 
 
+ATTACH_TIMEOUT = 10.0  # seconds a named queue waits for the other ranks to attach a group
+
+
 def _resolve_group(
-    process_group: MoodistProcessGroup | dist.ProcessGroup | str,
+    process_group: MoodistProcessGroup | dist.ProcessGroup | str, named: bool = False,
 ) -> MoodistProcessGroup:
     if isinstance(process_group, MoodistProcessGroup):
         return process_group
-    if isinstance(process_group, dist.ProcessGroup):
+    if isinstance(process_group, dist.ProcessGroup) or type(process_group) is int:
         # A "moodist" torch group carries its own; any other is attached (collectively)
-        # on first use and cached (see moodist.process_group).
-        return _torch_process_group(process_group)
+        # on first use and cached (see moodist.process_group).  (An int: what new_group
+        # returns on a rank outside it, which process_group() explains.)
+        try:
+            return _torch_process_group(process_group,  # type: ignore[arg-type]
+                                        join_timeout=ATTACH_TIMEOUT if named else None)
+        except TimeoutError as e:
+            raise RuntimeError(
+                f"this named queue is the first use of moodist on a torch process group of "
+                f"another backend, which attaches moodist to it: a step every rank of the "
+                f"group must take together, and {e}.  Call moodist.process_group(pg) on every "
+                f"rank of the group first; named queues can then be made on any rank, any time"
+            ) from None
     if isinstance(process_group, str):
         group = find_process_group(process_group)
         if group is None:
