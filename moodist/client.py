@@ -15,7 +15,7 @@ import itertools
 import queue as _stdlib_queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .errors import (
@@ -31,6 +31,9 @@ from .items import Item, ItemKind
 from .protocol import ErrorCode, Kind, Message, QueueRef
 from .storage import note_put_outcome
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from .host import Host
 
 _OUTCOME_WAIT = 10.0  # seconds an interrupted bounded put waits to learn if it was stored
 
@@ -50,6 +53,20 @@ def _error_from(code: ErrorCode, message: str, rank: int) -> BaseException:
     return RemoteError(f"rank {rank} refused the request: {message}")
 
 
+class _Fanout:
+    """A multicast put of this rank: the copies (ranks) whose STORED (or, from the
+    sequencer, ACK) it still waits for."""
+
+    __slots__ = ("qid", "sequencer", "waiting", "future", "error")
+
+    def __init__(self, qid: str, sequencer: int, waiting: set[int]) -> None:
+        self.qid = qid
+        self.sequencer = sequencer
+        self.waiting = waiting
+        self.future = Future(sequencer)
+        self.error: BaseException | None = None
+
+
 class Client:
     """Requests from this rank to other ranks.  Thread safe."""
 
@@ -59,6 +76,8 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
         self._abandoned: dict[int, int] = {}  # request id -> host, for late replies
+        self._fanouts: dict[int, _Fanout] = {}  # multicast puts in flight, by put id
+        self._told: set[tuple[str, int]] = set()  # (qid, lost copy) a multicast put reported
         self._lock = threading.Lock()
         self._closed: BaseException | None = None
 
@@ -101,6 +120,72 @@ class Client:
         the sequencer).  Completes when stored (at every copy)."""
         return self.request(host, lambda rid: protocol.encode_put(rid, ref, route, items),
                             acked=not route)
+
+    def put_multicast(self, ref: QueueRef, route: tuple[int, ...], items: list[Item],
+                      host: Host) -> Future:
+        """Store ``items`` at every copy of a multicast queue, in the one order its
+        sequencer ``route[0]`` gives (see :mod:`moodist.protocol`, note 2): the
+        items go from here to each copy.  Completes once every copy stored them;
+        fails once per lost copy (naming it) while the living copies store them,
+        and whenever the sequencer is lost.  ``host`` is this rank's own."""
+        if self._closed is not None:
+            raise self._closed
+        sequencer = route[0]
+        lost = self.transport.lost_error(sequencer) if sequencer != self.rank else None
+        if lost is not None:
+            raise lost
+        rid = next(self._ids)
+        fan = _Fanout(ref.qid, sequencer, set(route))
+        with self._lock:
+            self._fanouts[rid] = fan
+        for item in items:  # here too, while the same buffers are on their way elsewhere
+            item.shared = self.rank in route and len(route) > 1
+        copies = [r for r in route if r not in (self.rank, sequencer)]
+        for r in [*copies, sequencer]:  # the items before the sequencer's order
+            if r == self.rank:
+                continue
+            frames = (protocol.encode_put(rid, ref, route, items) if r == sequencer
+                      else protocol.encode_mdata(rid, ref, sequencer, items))
+            if not self.transport.send(r, frames):
+                self._copy_lost(rid, r, self.transport.lost_error(r) or PeerLostError(r))
+        if sequencer == self.rank:
+            host.sequence(ref, route, rid, self.rank, items)
+            self.copy_stored(self.rank, rid)
+        elif self.rank in route:
+            mismatch = host.hold(self.rank, rid, ref, sequencer, items)
+            if mismatch:
+                self.copy_stored(self.rank, rid, QueueMismatchError(mismatch))
+        return fan.future
+
+    def copy_stored(self, rank: int, rid: int, error: BaseException | None = None) -> None:
+        """Copy ``rank`` has stored (or refused) this rank's multicast put ``rid``."""
+        with self._lock:
+            fan = self._fanouts.get(rid)
+            if fan is None or rank not in fan.waiting:
+                return
+            fan.waiting.discard(rank)
+            if error is not None and fan.error is None:
+                fan.error = error
+            finished = not fan.waiting
+            if finished:
+                del self._fanouts[rid]
+        if finished:
+            fan.future.settle(fan.error)
+
+    def _copy_lost(self, rid: int, rank: int, error: PeerLostError) -> None:
+        fan = self._fanouts.get(rid)
+        if fan is None:
+            return
+        if rank != fan.sequencer:
+            with self._lock:
+                news = (fan.qid, rank) not in self._told
+                self._told.add((fan.qid, rank))
+            if not news:
+                self.copy_stored(rank, rid)  # told before: this put goes to the living
+                return
+            error = PeerLostError(rank, f"{error.reason}; this multicast put and later ones "
+                                        f"go to the living copies only")
+        self.copy_stored(rank, rid, error)
 
     def put_bounded(self, host: int, ref: QueueRef, items: list[Item], maxsize: int,
                     timeout: float | None) -> bool:
@@ -207,6 +292,15 @@ class Client:
         """ACK, ERROR, ITEM, EMPTY, SIZE: complete the request they answer.  A
         reply from a rank other than the one asked is refused."""
         error_reply = protocol.decode_error(msg) if msg.kind is Kind.ERROR else None
+        fan = self._fanouts.get(msg.req_id)
+        if fan is not None and msg.kind in (Kind.ACK, Kind.STORED, Kind.ERROR):
+            error = None if error_reply is None else _error_from(*error_reply, rank)
+            ranks = list(fan.waiting) if error and rank == fan.sequencer else [rank]
+            for r in ranks:  # a put its sequencer refused is stored nowhere else
+                self.copy_stored(r, msg.req_id, error)
+            return
+        if msg.kind is Kind.STORED:
+            return  # for a multicast put already settled (its copy was declared lost)
         with self._lock:
             fut = self._pending.get(msg.req_id)
             if fut is not None:
@@ -234,15 +328,20 @@ class Client:
             futures = [self._pending.pop(rid) for rid in failed]
             for rid in [r for r, h in self._abandoned.items() if h == rank]:
                 del self._abandoned[rid]
+            fanouts = [rid for rid, fan in self._fanouts.items() if rank in fan.waiting]
         for fut in futures:
             fut.set_error(error)
+        for rid in fanouts:
+            self._copy_lost(rid, rank, error)
 
     def close(self, error: BaseException) -> None:
         """Fail every pending request with ``error``; later ones raise it."""
         self._closed = error
         with self._lock:
             futures = list(self._pending.values())
+            futures += [fan.future for fan in self._fanouts.values()]
             self._pending.clear()
             self._abandoned.clear()
+            self._fanouts.clear()
         for fut in futures:
             fut.set_error(error)

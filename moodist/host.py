@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import protocol
-from .errors import PeerLostError, QueueMismatchError
+from .errors import QueueMismatchError
 from .futures import Future
 from .items import Item, ItemKind
 from .protocol import ErrorCode, Kind, Message, QueueRef
@@ -31,17 +32,6 @@ log = logging.getLogger("moodist.host")
 
 # request(peer, build, acked) -> Future: a request of this rank's client
 Request = Callable[[int, Callable[[int], list[Any]], bool], Future]
-
-
-def _settle(done: Future, news: list[PeerLostError]) -> None:
-    """Complete a multicast put stored at every living copy: with the news of a
-    lost copy, if there is any for its putter."""
-    if not news:
-        done.set_result()
-        return
-    lost = news[0]
-    done.set_error(PeerLostError(lost.rank, f"{lost.reason}; this multicast put and later "
-                                            f"ones go to the living copies only"))
 
 
 class Refused(Exception):
@@ -165,17 +155,62 @@ class _RemoteWatcher(_RemoteWaiter):
             self._retire()
 
 
+class _Order:
+    """A multicast queue as one of its copies: the puts held (MDATA) and the
+    ORDERs received, stored as both meet, in ORDER order.  Guarded by the
+    host's order lock."""
+
+    def __init__(self, storage: Storage, sequencer: int) -> None:
+        self.storage = storage
+        self.sequencer = sequencer
+        # (putter, put id) -> its items, or None for a put refused here
+        self.data: dict[tuple[int, int], list[Item] | None] = {}
+        self.tokens: deque[tuple[int, int]] = deque()
+
+    def drain(self, gone: set[int]) -> list[tuple[int, int]]:
+        """Store every put whose turn has come; return them, as (putter, put id).
+        A put refused here, or of a lost putter whose items never came, is skipped."""
+        stored = []
+        tokens, data = self.tokens, self.data
+        while tokens:
+            key = tokens[0]
+            if key not in data and key[0] not in gone:
+                break  # its items are on their way
+            tokens.popleft()
+            items = data.pop(key, None)
+            if items is not None:
+                self.storage.put(items)
+                stored.append(key)
+        return stored
+
+    def forget(self, rank: int, gone: set[int]) -> list[tuple[int, int]]:
+        """``rank`` is gone: if it sequenced this queue nothing more will be
+        ordered, so drop what waits; if it was a putter, drop its puts not
+        ordered yet (a putter that dies mid-put may reach only some copies),
+        and skip those ordered whose items never came.  Returns the puts
+        stored meanwhile."""
+        if rank == self.sequencer:
+            self.data.clear()
+            self.tokens.clear()
+            return []
+        ordered = set(self.tokens)
+        for key in [k for k in self.data if k[0] == rank and k not in ordered]:
+            del self.data[key]
+        return self.drain(gone)
+
+
 class Host:
     """This rank's queues, and the answers to other ranks' requests about them.
     Thread safe: handlers run on the I/O thread, local operations anywhere."""
 
-    def __init__(self, rank: int, size: int, transport: Transport, request: Request,
-                 track: Callable[[Future], Future]) -> None:
+    def __init__(self, rank: int, size: int, transport: Transport,
+                 stored_here: Callable[[int, int], None]) -> None:
+        """``stored_here(rank, put id)``: a multicast put of this rank is stored in
+        its copy here (the client counts the copies)."""
         self.rank = rank
         self.size = size
         self.transport = transport
-        self._request = request
-        self._track = track  # keeps a delivery in flight until done (shutdown waits)
+        self._stored_here = stored_here
         self._storages: dict[str, Storage] = {}
         self._storages_lock = threading.Lock()
         self._waiters: dict[tuple[int, int], _RemoteWaiter] = {}
@@ -183,8 +218,8 @@ class Host:
         self._leases_lock = threading.Lock()
         self._gone: set[int] = set()  # ranks lost or left: nothing more is leased to them
         self._sequence_lock = threading.Lock()
-        self._told_lock = threading.Lock()
-        self._told: set[tuple[str, int, int]] = set()  # (qid, putter, lost copy) reported
+        self._orders: dict[str, _Order] = {}  # multicast queues copied here, by qid
+        self._order_lock = threading.Lock()
         self._closed: BaseException | None = None
 
     # ------------------------------------------------------------------ storages
@@ -267,82 +302,61 @@ class Host:
             raise protocol.ProtocolError("multicast put sent to a rank that does not sequence it")
         if any(not 0 <= r < self.size for r in route):
             raise protocol.ProtocolError("multicast route names a rank outside the group")
+        self.sequence(ref, route, rid, rank, items)
+        self.transport.send(rank, protocol.encode_simple(Kind.ACK, rid))  # our copy is in
 
-        def reply(fut: Future) -> None:
-            error = fut.error()
-            if error is None:
-                self.transport.send(rank, protocol.encode_simple(Kind.ACK, rid))
-            elif isinstance(error, PeerLostError):
-                self._reply_error(rank, rid, ErrorCode.PEER_LOST,
-                                  f"{error.rank}: multicast copy lost ({error.reason})")
-            elif isinstance(error, Refused):
-                self._reply_error(rank, rid, error.code, str(error))
-            else:
-                self._reply_error(rank, rid, ErrorCode.BAD_REQUEST, str(error))
-
-        self.sequence(ref, route, items, rank).add_done_callback(reply)
-
-    def sequence(self, ref: QueueRef, route: Sequence[int], items: list[Item],
-                 origin: int) -> Future:
-        """As the multicast sequencer (``route[0]``): store ``items`` here and
-        send them to the other copies, all under one lock so every copy sees
-        one order.  Completes once every copy has stored them."""
-        storage = self._storage_for(origin, ref)
-        copies = []
-        news: list[PeerLostError] = []  # copies lost that ``origin`` has not been told of
-        for r in route[1:]:
-            error = self.transport.lost_error(r) if r != self.rank else None
-            if error is None:
-                if r != self.rank:
-                    copies.append(r)
-            elif self._first_news(ref.qid, origin, r):
-                news.append(error)
-        for item in items:
-            item.shared = bool(copies)
-        done = Future()
-        if not copies:
-            storage.put(items)
-            _settle(done, news)
-            return done
-        remaining = [len(copies)]
-        lock = threading.Lock()
-
-        def on_copy(fut: Future) -> None:
-            error = fut.error()
-            if isinstance(error, PeerLostError):
-                self._first_news(ref.qid, origin, error.rank)
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if error is not None:
-                done.set_error(error)
-            elif last:
-                _settle(done, news)
-
+    def sequence(self, ref: QueueRef, route: Sequence[int], rid: int, putter: int,
+                 items: list[Item]) -> None:
+        """As the multicast sequencer (``route[0]``): store ``items`` (put ``rid``
+        of ``putter``) here and tell every other copy, under one lock, to store
+        that put next (ORDER): so every copy stores the puts in one order.  The
+        putter sends the items to the other copies itself."""
+        storage = self._storage_for(putter, ref)
         with self._sequence_lock:
-            # Copies leave before the local getters can see the items, so a
-            # sequencer that takes its item and shuts down still sends them.
-            futures = []
-            for r in copies:
-                try:
-                    futures.append(self._request(
-                        r, lambda rid: protocol.encode_fanout(rid, ref, items), True))
-                except PeerLostError as e:
-                    futures.append(Future.failed(e))
+            # Orders leave before local getters can see the items, so a sequencer
+            # that takes its item and shuts down has still sent them.
+            for r in route[1:]:
+                if r != self.rank:
+                    self.transport.send(r, protocol.encode_order(rid, ref.qid, putter))
             storage.put(items)
-        for fut in futures:
-            fut.add_done_callback(on_copy)
-        return self._track(done)
 
-    def _first_news(self, qid: str, origin: int, lost: int) -> bool:
-        """True the first time ``origin``'s multicast put to ``qid`` meets copy ``lost``
-        gone (that put fails, naming it; later ones go to the living copies)."""
-        key = (qid, origin, lost)
-        with self._told_lock:
-            if key in self._told:
-                return False
-            self._told.add(key)
-            return True
+    def hold(self, putter: int, rid: int, ref: QueueRef, sequencer: int,
+             items: list[Item]) -> str | None:
+        """As a copy: keep ``putter``'s put ``rid`` until its ORDER comes.  Returns
+        why it was refused (another spec), or None; a refused put is skipped
+        when its ORDER comes."""
+        storage = self.storage(ref.qid)
+        mismatch = storage.check_spec(ref.spec, putter)
+        with self._order_lock:
+            order = self._orders.setdefault(ref.qid, _Order(storage, sequencer))
+            order.data[(putter, rid)] = None if mismatch else items
+            done = order.drain(self._gone)
+        self._report_stored(done)
+        return mismatch
+
+    def on_mdata(self, rank: int, msg: Message) -> None:
+        ref, sequencer, items = protocol.decode_mdata(msg)
+        if not 0 <= sequencer < self.size:
+            raise protocol.ProtocolError("MDATA names a sequencer outside the group")
+        mismatch = self.hold(rank, msg.req_id, ref, sequencer, items)
+        if mismatch:
+            raise Refused(ErrorCode.QUEUE_MISMATCH, mismatch)
+
+    def on_order(self, rank: int, msg: Message) -> None:
+        qid, putter = protocol.decode_order(msg)
+        storage = self.storage(qid)
+        with self._order_lock:
+            order = self._orders.setdefault(qid, _Order(storage, rank))
+            order.tokens.append((putter, msg.req_id))
+            done = order.drain(self._gone)
+        self._report_stored(done)
+
+    def _report_stored(self, done: list[tuple[int, int]]) -> None:
+        for putter, rid in done:
+            if putter == self.rank:
+                self._stored_here(self.rank, rid)
+            else:
+                self.transport.send(putter, protocol.encode_simple(Kind.STORED, rid))
 
     def on_put_bounded(self, rank: int, msg: Message) -> None:
         ref, maxsize, timeout, items = protocol.decode_put_bounded(msg)
@@ -353,12 +367,6 @@ class Host:
             self._reply_error(rank, msg.req_id, ErrorCode.FULL, f"queue full ({maxsize} items)")
         else:
             putter.start_timer(timeout)
-
-    def on_fanout(self, rank: int, msg: Message) -> None:
-        ref, items = protocol.decode_fanout(msg)
-        for item in items:
-            item.shared = True  # the sequencer may still be sending the same buffers
-        self._storage_for(rank, ref).put(items)  # acknowledged by the channel
 
     def on_get(self, rank: int, msg: Message) -> None:
         ref, kind, timeout = protocol.decode_get(msg)
@@ -410,6 +418,10 @@ class Host:
         for key, waiter in list(self._waiters.items()):
             if key[0] == rank:
                 waiter.drop()
+        with self._order_lock:
+            done = [put for order in self._orders.values()
+                    for put in order.forget(rank, self._gone)]
+        self._report_stored(done)
 
     def close(self, error: BaseException) -> None:
         """Wake every local waiter with ``error``; later local operations raise it."""

@@ -40,19 +40,20 @@ class Node:
         self._closed: BaseException | None = None
         self.transport = transport_factory(self._on_message, self._on_peer_lost, lambda: None)
         self.client = Client(rank, self.transport)
-        self.host = Host(rank, size, self.transport, self.client.request, self._track)
+        self.host = Host(rank, size, self.transport, self.client.copy_stored)
         host = self.host
         self._handlers: dict[Kind, Callable[[int, Message], None]] = {
             Kind.PUT: host.on_put,
             Kind.PUT_BOUNDED: host.on_put_bounded,
-            Kind.FANOUT: host.on_fanout,
+            Kind.MDATA: host.on_mdata,
+            Kind.ORDER: host.on_order,
             Kind.GET: host.on_get,
             Kind.CANCEL: host.on_cancel,
             Kind.CONFIRM: host.on_confirm,
             Kind.RETURN: host.on_return,
             Kind.QSIZE: host.on_qsize,
         }
-        for kind in (Kind.ACK, Kind.ERROR, Kind.ITEM, Kind.EMPTY, Kind.SIZE):
+        for kind in (Kind.ACK, Kind.ERROR, Kind.ITEM, Kind.EMPTY, Kind.SIZE, Kind.STORED):
             self._handlers[kind] = self.client.on_reply
 
     # ================================================================== operations
@@ -68,14 +69,12 @@ class Node:
         PeerLostError at once if ``host`` is known to be lost.
         """
         self._check_open()
+        if route:
+            return self._track(self.client.put_multicast(ref, route, items, self.host))
         if host != self.rank:
-            fut = self.client.put(host, ref, route, items)
-        elif not route:
-            self.host._storage_for(self.rank, ref).put(items)
-            return Future.completed()
-        else:
-            return self.host.sequence(ref, route, items, self.rank)
-        return self._track(fut)
+            return self._track(self.client.put(host, ref, route, items))
+        self.host._storage_for(self.rank, ref).put(items)
+        return Future.completed()
 
     def _track(self, fut: Future) -> Future:
         """Remember ``fut`` until done, so that close() lets it finish first."""
@@ -186,4 +185,4 @@ class Node:
         self.host.peer_lost(rank)
 
 
-_UNANSWERED = frozenset((Kind.CANCEL, Kind.CONFIRM, Kind.RETURN))
+_UNANSWERED = frozenset((Kind.CANCEL, Kind.CONFIRM, Kind.RETURN, Kind.ORDER))

@@ -14,7 +14,9 @@ kind         frames after the header                          sent by          a
 ===========  ===============================================  ===============  ================
 PUT          qid, spec, route, manifest, item frames...       putter -> host   (note 1)
 PUT_BOUNDED  qid, spec, bound params, manifest, item frames   putter -> host   ACK | ERROR
-FANOUT       qid, spec, manifest, item frames...              sequencer->copy  (note 1)
+MDATA        qid, spec, sequencer u32, manifest, item frames  putter -> copy   STORED (note 2)
+ORDER        qid, putter u32 (the id is the putter's put id)  sequencer->copy  none (note 2)
+STORED       (none; the id is the putter's put id)            copy -> putter
 GET          qid, spec, get params                            getter -> host   ITEM|EMPTY|ERROR
 CANCEL       (none; the id is the request's)                  requester->host  (the request's)
 CONFIRM      (none; the id is the GET's)                      getter -> host   none
@@ -27,11 +29,18 @@ EMPTY        (none)
 SIZE         queue size u64
 ===========  ===============================================  ===============  ================
 
-Note 1: a single-location PUT and a FANOUT are complete when the channel
-acknowledges them (the host stores on receipt), unless an ERROR for them
-arrives first (the host sends it before that acknowledgement).  A multicast
-PUT (non-empty ``route``, sent to its sequencer ``route[0]``) is answered ACK
-once every copy has stored it, or ERROR.
+Note 1: a single-location PUT is complete when the channel acknowledges it
+(the host stores on receipt), unless an ERROR for it arrives first (the host
+sends it before that acknowledgement).
+
+Note 2, multicast (a PUT with a non-empty ``route``): the putter sends the
+items itself to every copy but the sequencer ``route[0]`` (MDATA), and the PUT,
+items included, to the sequencer.  The sequencer stores its copy, answers ACK,
+and sends each other copy a small ORDER naming the put; every copy stores the
+puts in the order of their ORDERs (an ORDER whose MDATA has not arrived yet
+waits for it), so all see one order while the bytes travel from the putter
+straight to each copy.  Each copy answers the putter STORED once stored; the
+put is complete when every copy has stored it.
 
 Leases: an ITEM hands the item to the getter's rank, but the host keeps it
 until that rank sends CONFIRM (its get returned it) or RETURN (its get gave up
@@ -81,18 +90,20 @@ class ProtocolError(ValueError):
 
 class Kind(enum.IntEnum):
     PUT = 1
-    FANOUT = 2
+    MDATA = 2
     GET = 3
     CANCEL = 4
     RETURN = 5
     QSIZE = 6
     PUT_BOUNDED = 7
     CONFIRM = 8
+    ORDER = 9
     ACK = 16
     ERROR = 17
     ITEM = 18
     EMPTY = 19
     SIZE = 20
+    STORED = 21
 
 
 REQUESTS = frozenset(k for k in Kind if k < Kind.ACK)
@@ -273,14 +284,30 @@ def decode_put_bounded(msg: Message) -> tuple[QueueRef, int, float | None, list[
     return _queue(msg), maxsize, _timeout(timeout), decode_items(msg.frames[3:])
 
 
-def encode_fanout(req_id: int, ref: QueueRef, items: Sequence[Item]) -> list[Any]:
-    return [header(Kind.FANOUT, req_id), ref.qid.encode(), ref.spec.encode(),
-            *encode_items(items)]
+def encode_mdata(req_id: int, ref: QueueRef, sequencer: int,
+                 items: Sequence[Item]) -> list[Any]:
+    return [header(Kind.MDATA, req_id), ref.qid.encode(), ref.spec.encode(),
+            _ROUTE_ENTRY.pack(sequencer), *encode_items(items)]
 
 
-def decode_fanout(msg: Message) -> tuple[QueueRef, list[Item]]:
-    _expect(msg, 3)
-    return _queue(msg), decode_items(msg.frames[2:])
+def decode_mdata(msg: Message) -> tuple[QueueRef, int, list[Item]]:
+    _expect(msg, 4)
+    raw = _bytes(msg.frames[2])
+    if len(raw) != _ROUTE_ENTRY.size:
+        raise ProtocolError("bad sequencer in MDATA")
+    return _queue(msg), _ROUTE_ENTRY.unpack(raw)[0], decode_items(msg.frames[3:])
+
+
+def encode_order(req_id: int, qid: str, putter: int) -> list[Any]:
+    return [header(Kind.ORDER, req_id), qid.encode(), _ROUTE_ENTRY.pack(putter)]
+
+
+def decode_order(msg: Message) -> tuple[str, int]:
+    _expect(msg, 2, 2)
+    raw = _bytes(msg.frames[1])
+    if len(raw) != _ROUTE_ENTRY.size:
+        raise ProtocolError("bad putter in ORDER")
+    return _text(msg.frames[0], "queue id"), _ROUTE_ENTRY.unpack(raw)[0]
 
 
 def encode_get(req_id: int, ref: QueueRef, kind: ItemKind, timeout: float | None) -> list[Any]:
@@ -315,7 +342,7 @@ def decode_qsize(msg: Message) -> tuple[QueueRef, bool, float | None]:
 
 
 def encode_simple(kind: Kind, req_id: int) -> list[Any]:
-    """CANCEL, CONFIRM, RETURN, ACK, EMPTY: the header alone."""
+    """CANCEL, CONFIRM, RETURN, ACK, EMPTY, STORED: the header alone."""
     return [header(kind, req_id)]
 
 

@@ -233,3 +233,46 @@ def test_a_group_that_shut_down_has_stopped_its_io_thread():
     assert thread.is_alive()
     group.shutdown()
     assert not thread.is_alive()
+
+
+# ============================================================================ multicast load
+
+
+def _multicast_cpu(ctx, size: int, count: int):
+    """Rank 0 streams ``count`` tensors of ``size`` bytes to ``location=[1, 2, 3]``;
+    each listed rank reports its CPU time per item."""
+    import torch
+
+    q = Queue(ctx.group, location=[1, 2, 3], name="mc-load")
+    t = torch.ones(size // 4)
+    if ctx.rank == 0:  # warm up
+        q.put_tensor(t).wait()
+    else:
+        q.get_tensor(timeout=TIMEOUT)
+    ctx.barrier("start")
+    c0 = time.process_time()
+    if ctx.rank == 0:
+        works = []
+        for _ in range(count):
+            works.append(q.put_tensor(t))
+            if len(works) > 8:
+                works.pop(0).wait()
+        for w in works:
+            w.wait()
+    else:
+        for _ in range(count):
+            assert q.get_tensor(timeout=TIMEOUT).numel() == size // 4
+    cpu = time.process_time() - c0
+    ctx.barrier("end")
+    return cpu / count
+
+
+@pytest.mark.parametrize("size", [4096, 1 << 20])
+def test_multicast_spreads_the_work_over_the_listed_ranks(cluster, size):
+    """The putter sends the bytes to every copy; the sequencer (rank 1) only orders
+    them: it works about as hard as the other copies."""
+    per_item = cluster.run(_multicast_cpu, 4, size, 300 if size > 4096 else 1500,
+                           timeout=90)[1:]
+    print(f"multicast {size} B: CPU per item at ranks 1, 2, 3:",
+          [f"{c * 1e6:.0f} us" for c in per_item])
+    assert max(per_item) <= 1.5 * min(per_item), per_item

@@ -16,7 +16,7 @@ from moodist import framing, protocol
 from moodist.protocol import HEADER, Kind, Message
 
 DECODERS = [
-    protocol.decode_put, protocol.decode_put_bounded, protocol.decode_fanout,
+    protocol.decode_put, protocol.decode_put_bounded, protocol.decode_mdata, protocol.decode_order,
     protocol.decode_get, protocol.decode_qsize, protocol.decode_error,
     protocol.decode_item_reply, protocol.decode_size, protocol.expect_simple,
 ]

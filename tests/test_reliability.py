@@ -506,7 +506,10 @@ def _hand_crafted() -> list[tuple[str, list[object]]]:
          [head, qid, spec, struct.pack("<II", 0, 1), manifest, *items]),
         ("PUT, route with a rank twice",
          [head, qid, spec, struct.pack("<II", 1, 1), manifest, *items]),
-        ("FANOUT, no manifest", [hdr(Kind.FANOUT, 0), b"n/fuzz", b""]),
+        ("MDATA, no manifest", [hdr(Kind.MDATA, 0), b"n/fuzz", b"", b"\0" * 4]),
+        ("MDATA, sequencer of 3 bytes", [hdr(Kind.MDATA, 0), b"n/fuzz", b"", b"\0" * 3,
+                                         *protocol.encode_items([object_item(1)])]),
+        ("ORDER, putter of 2 bytes", [hdr(Kind.ORDER, 0), b"n/fuzz", b"\0\0"]),
         ("RETURN with a frame", [hdr(Kind.RETURN, 0), b"n/fuzz"]),
         ("CONFIRM with a frame", [hdr(Kind.CONFIRM, 0), b""]),
         ("CANCEL with a frame", [hdr(Kind.CANCEL, 0), b"x"]),
@@ -594,8 +597,8 @@ _BAD_REQUESTS = {
         struct.pack("<I", 5) + b"\0" * 5, b"x"],
     "PUT, multicast route names rank 9": lambda rid: protocol.encode_put(
         rid, _ref("n/fuzz"), (1, 9), [object_item("x")]),
-    "FANOUT, qid not utf-8": lambda rid: [protocol.header(Kind.FANOUT, rid), b"\xc3", b"",
-                                          *protocol.encode_items([object_item(1)])],
+    "MDATA, qid not utf-8": lambda rid: [protocol.header(Kind.MDATA, rid), b"\xc3", b"",
+                                         b"\0" * 4, *protocol.encode_items([object_item(1)])],
 }
 
 
