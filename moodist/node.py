@@ -169,7 +169,9 @@ class Node:
 
     # ================================================================== inbound
 
-    def _on_message(self, rank: int, frames: list[Any]) -> None:
+    def _on_message(self, rank: int, frames: list[Any]) -> bool:
+        """Handle one message; True if its sender waits for the acknowledgement
+        (a single-location PUT: its acknowledgement says it is stored)."""
         msg = protocol.parse(frames)
         try:
             self._handlers[msg.kind](rank, msg)
@@ -179,6 +181,7 @@ class Node:
             if msg.kind in protocol.REQUESTS and msg.kind not in _UNANSWERED:
                 self.host.refuse(rank, msg, e)  # tell the sender rather than let it hang
             raise
+        return msg.kind is Kind.PUT
 
     def _on_peer_lost(self, rank: int, error: PeerLostError) -> None:
         self.client.peer_lost(rank, error)

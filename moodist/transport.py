@@ -188,7 +188,9 @@ class Transport:
 
     ``on_message``, ``on_peer_lost`` and the ``on_done`` callbacks of sends run
     on the I/O thread (or the thread that closes the transport) and must not
-    block.
+    block.  ``on_message`` returns True when its sender waits for the
+    acknowledgement (then it is sent after the batch, if no message carried it
+    first); other acknowledgements ride on later traffic or answer a SYNC.
     """
 
     def __init__(
@@ -197,7 +199,7 @@ class Transport:
         size: int,
         key: bytes,
         bind_host: str,
-        on_message: Callable[[int, list[zmq.Frame]], None],
+        on_message: Callable[[int, list[zmq.Frame]], bool | None],
         on_peer_lost: Callable[[int, PeerLostError], None],
         peer_timeout: float | None = None,
         on_batch_end: Callable[[], None] | None = None,
@@ -238,8 +240,8 @@ class Transport:
         self._peers_lock = threading.Lock()
         self._new_monitors: list[_Peer] = []
         self._timers = _Timers()
-        self._tick_lock = threading.Lock()
         self._tick_armed = False  # a resync tick is scheduled
+        self._tick_wanted = False  # a message was sent since: arm one
         self._ack_due: set[_Peer] = set()  # I/O thread: peers to acknowledge after a batch
         # What recovering from lost messages took (rare paths only; for tests and debugging).
         self.stats = {"resent": 0, "duplicates": 0, "gaps": 0, "syncs": 0}
@@ -320,9 +322,8 @@ class Transport:
             ack = peer.inbox.ack_sent = peer.inbox.handled
             peer.socket.send_multipart([framing.head(framing.DATA, seq, ack) + body, *large],
                                        copy=False)
-            arm = len(outbox.unacked) == 1
-        if arm and not self._tick_armed:
-            self._arm_tick()
+        if not self._tick_armed:
+            self._tick_wanted = True  # the I/O thread arms it (no wake-up from here)
         return True
 
     def lost_error(self, rank: int) -> PeerLostError | None:
@@ -390,18 +391,18 @@ class Transport:
                 pass
 
     def _arm_tick(self) -> None:
-        with self._tick_lock:
-            if self._tick_armed or self._closing:
-                return
-            self._tick_armed = True
+        """(I/O thread.)  Messages a send made wait for acknowledgements: tick."""
+        if self._tick_armed or self._closing:
+            return
+        self._tick_armed = True
         self.call_later(RESYNC_AFTER, self._resync_tick)
 
     def _resync_tick(self) -> None:
         """While messages wait for acknowledgements: SYNC every peer whose
-        oldest one has not moved since the last tick (its last messages may
-        be lost without a reconnect to tell)."""
-        with self._tick_lock:
-            self._tick_armed = False  # a send from now on arms the next tick
+        oldest one has not moved since the last tick.  That answers whether a
+        message was lost without a reconnect to tell, and fetches the
+        acknowledgements a receiver defers (see _receive_data)."""
+        self._tick_armed = False
         pending = False
         with self._peers_lock:
             peers = list(self._peers.values())
@@ -447,6 +448,9 @@ class Transport:
                 if self._router in events:
                     self._drain_router()
                 self._run_timers()
+                if self._tick_wanted:
+                    self._tick_wanted = False
+                    self._arm_tick()
             except zmq.ContextTerminated:
                 return
             except Exception:  # a bug: say so, and keep serving
@@ -546,14 +550,16 @@ class Transport:
         state = inbox.classify(seq)
         if state is NEW:
             inbox.accepted(seq)
+            prompt = True
             try:
                 attach = None if self.shm is None else self.shm.attacher(peer.rank)
-                self._on_message(peer.rank, decode_body(zframes, attach))
+                prompt = bool(self._on_message(peer.rank, decode_body(zframes, attach)))
             except Exception as e:
                 log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
                 log.debug("details", exc_info=True)
             inbox.handled_upto(seq)
-            self._ack_due.add(peer)
+            if prompt:  # else the acknowledgement rides on later traffic, or a SYNC
+                self._ack_due.add(peer)
         elif state is DUPLICATE:
             self.stats["duplicates"] += 1
             self._ack_due.add(peer)  # its acknowledgement may be what was lost
@@ -563,6 +569,8 @@ class Transport:
                 self._send_control(peer, framing.NACK, inbox.expected)
 
     def _acknowledged(self, peer: _Peer, ack: int) -> None:
+        if ack <= peer.outbox.acked:  # nothing new (it only grows: no lock needed to see it)
+            return
         with peer.lock:
             callbacks = peer.outbox.ack(ack)
         _call_all(callbacks, None)

@@ -125,7 +125,7 @@ def _message(frames: list) -> protocol.Message:
                           st.integers(1, 3)), max_size=60))
 def test_every_item_is_in_exactly_one_place_whatever_the_getters_do(steps):
     wire = _Wire()
-    host = Host(0, 4, wire, request=None, track=lambda fut: fut)
+    host = Host(0, 4, wire, stored_here=lambda rank, rid: None)
     ref = QueueRef("n/work", "location=0 maxsize=0")
     storage = host.storage(ref.qid)
     put: Counter = Counter()

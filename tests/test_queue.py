@@ -427,7 +427,7 @@ def _object_work_does_not_wait_when_dropped(ctx):
         del w
         gc.collect()
         dropped_in = time.monotonic() - t0
-        assert dropped_in < 0.5, dropped_in
+        assert dropped_in < 1.0, dropped_in
         assert not kept.done()  # the puts really are outstanding
         tw = q.put_tensor(torch.ones(4))
         assert not tw.done()
