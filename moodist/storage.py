@@ -269,6 +269,8 @@ class Storage:
     def check_spec(self, spec: str, rank: int) -> str | None:
         """Adopt ``spec`` (declared by ``rank``) if none is known yet; else an
         error message if it differs from the known one."""
+        if spec == self.spec:  # the usual case, on every operation: no lock needed
+            return None
         with self._cond:
             if self.spec is None or not spec:
                 if spec:
