@@ -180,8 +180,17 @@ def _text(frame: Any, what: str, allow_empty: bool = False) -> str:
         raise ProtocolError(f"{what} is not utf-8") from None
 
 
+_known_queues: dict[tuple[bytes, bytes], QueueRef] = {}  # decoded once: a queue's id and spec
+
+
 def _queue(msg: Message) -> QueueRef:
-    return QueueRef(_text(msg.frames[0], "queue id"), _text(msg.frames[1], "queue spec", True))
+    key = (_bytes(msg.frames[0]), _bytes(msg.frames[1]))
+    ref = _known_queues.get(key)
+    if ref is None:
+        ref = QueueRef(_text(key[0], "queue id"), _text(key[1], "queue spec", True))
+        if len(_known_queues) < 4096:  # (a bound: ids come from the wire)
+            _known_queues[key] = ref
+    return ref
 
 
 def _u64(frame: Any) -> int:
