@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 _OUTCOME_WAIT = 10.0  # seconds an interrupted bounded put waits to learn if it was stored
 
 
+def _is_item(msg: Any) -> bool:
+    return isinstance(msg, Message) and msg.kind is Kind.ITEM
+
+
 def _error_from(code: ErrorCode, message: str, rank: int) -> BaseException:
     if code is ErrorCode.KIND_MISMATCH:
         return ItemKindError(message)
@@ -219,23 +223,83 @@ class Client:
         """Take the head item of a queue at ``host`` and ``decode`` it:
         ``(value, size before the get)``, or None if none came in time."""
         wire_timeout = timeout if block else 0.0
-        rid, fut = self._start(host, lambda r: protocol.encode_get(r, ref, kind, wire_timeout))
-        msg: Message | None = None
+        rid, fut = self.start_get(host, ref, kind, wire_timeout)
+        msg = self._await(fut, wire_timeout, rid, host)
+        return self.finish_get(host, rid, msg, decode)
+
+    def start_get(self, host: int, ref: QueueRef, kind: ItemKind,
+                  wire_timeout: float | None) -> tuple[int, Future]:
+        """Send a GET (the host waits up to ``wire_timeout``; 0: do not wait)
+        without waiting: ``(request id, Future of the reply)``.  Never blocks.
+        The caller then passes the reply to :meth:`finish_get`, or gives up
+        with :meth:`give_up`."""
+        return self._start(host, lambda r: protocol.encode_get(r, ref, kind, wire_timeout))
+
+    def finish_get(self, host: int, rid: int, msg: Message,
+                   decode: Callable[[Item], Any]) -> tuple[Any, int] | None:
+        """The reply ``msg`` to GET ``rid``: None (EMPTY), or ``(decode(item),
+        size)`` and the lease confirmed.  If decoding raises anything but
+        ItemDecodeError (an interruption), the item is handed back (RETURN)."""
+        if msg.kind is Kind.EMPTY:
+            return None
         try:
-            msg = self._await(fut, wire_timeout, rid, host)
-            if msg.kind is Kind.EMPTY:
-                return None
             size, item = protocol.decode_item_reply(msg)
             value = decode(item)
         except ItemDecodeError:
             self._send_quietly(host, protocol.encode_simple(Kind.CONFIRM, rid))
             raise
         except BaseException:
-            if msg is not None and msg.kind is Kind.ITEM:
+            if msg.kind is Kind.ITEM:
                 self._send_quietly(host, protocol.encode_simple(Kind.RETURN, rid))
             raise
         self._send_quietly(host, protocol.encode_simple(Kind.CONFIRM, rid))
         return value, size
+
+    def start_put_bounded(self, host: int, ref: QueueRef, items: list[Item], maxsize: int,
+                          timeout: float | None) -> tuple[int, Future]:
+        """Send a PUT_BOUNDED without waiting: its Future completes once stored,
+        or fails with ``queue.Full`` (not stored).  To give up, send CANCEL
+        (:meth:`cancel`) and read the Future: the host answers either way."""
+        return self._start(
+            host, lambda r: protocol.encode_put_bounded(r, ref, maxsize, timeout, items))
+
+    def start_wait(self, host: int, ref: QueueRef, timeout: float | None
+                   ) -> tuple[int, Future]:
+        """Send a QSIZE that waits (up to ``timeout``) for an item, without
+        waiting: its reply is a SIZE (0: timed out)."""
+        return self._start(host, lambda r: protocol.encode_qsize(r, ref, True, timeout))
+
+    def start_qsize(self, host: int, ref: QueueRef) -> Future:
+        """Ask for the queue's size without waiting: a SIZE reply."""
+        return self.request(host, lambda rid: protocol.encode_qsize(rid, ref, False, None))
+
+    def guard(self, timeout: float | None) -> float | None:
+        """How long to wait for the reply to a request its host answers within
+        ``timeout`` before taking the host as unresponsive."""
+        return None if timeout is None else timeout + max(5.0, 2 * self.transport.peer_timeout)
+
+    def cancel(self, host: int, rid: int) -> None:
+        """Ask ``host`` to withdraw request ``rid`` (it answers as it would
+        have on a timeout, unless it already answered)."""
+        self._send_quietly(host, protocol.encode_simple(Kind.CANCEL, rid))
+
+    def give_up(self, rid: int, host: int, fut: Future) -> None:
+        """Abandon request ``rid`` without blocking: the host withdraws it, and
+        an item it has sent or sends for it is handed back (RETURN) when it
+        arrives.  Safe at any point, also after the reply arrived."""
+        with self._lock:
+            waiting = self._pending.pop(rid, None) is not None
+            if waiting:
+                self._abandoned[rid] = host
+        if waiting:
+            self.cancel(host, rid)
+            return
+
+        def hand_back(done: Future) -> None:  # the reply arrived, or is arriving now
+            if done.error() is None and _is_item(done.result()):
+                self._send_quietly(host, protocol.encode_simple(Kind.RETURN, rid))
+
+        fut.add_done_callback(hand_back)
 
     def qsize(self, host: int, ref: QueueRef) -> int:
         fut = self.request(host, lambda rid: protocol.encode_qsize(rid, ref, False, None))
@@ -252,7 +316,7 @@ class Client:
         taken as unresponsive.  If this thread gives up first (any exception),
         a request with ``rid`` is cancelled, and an item the host had already
         sent for it is handed back."""
-        guard = None if timeout is None else timeout + max(5.0, 2 * self.transport.peer_timeout)
+        guard = self.guard(timeout)
         try:
             return fut.result(guard)
         except TimeoutError:

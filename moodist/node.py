@@ -24,6 +24,7 @@ from .futures import Future
 from .host import Host, Refused
 from .items import Item, ItemKind
 from .protocol import Kind, Message, QueueRef
+from .storage import Storage
 from .transport import Transport
 
 log = logging.getLogger("moodist.node")
@@ -129,6 +130,12 @@ class Node:
         if host == self.rank:
             return self.host._storage_for(self.rank, ref).wait(timeout)
         return self.client.wait(host, ref, timeout)
+
+    def local_storage(self, ref: QueueRef) -> Storage:
+        """This rank's storage of ``ref`` (a queue hosted here, or this rank's
+        copy of a multicast queue), for the asyncio forms (:mod:`moodist.aio`)."""
+        self._check_open()
+        return self.host._storage_for(self.rank, ref)
 
     def declare(self, ref: QueueRef, hosted_here: bool) -> None:
         """This rank constructs the queue ``ref``: if it is stored here, raise

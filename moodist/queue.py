@@ -7,17 +7,19 @@ the group's :class:`~moodist.node.Node`; it never touches a socket.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue as _stdlib_queue
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from types import TracebackType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import aio as _aio
 from . import items as _items
 from .cuda import StagedCopy, Stager, land, resolve_device
 from .distributed import process_group as _torch_process_group
@@ -77,6 +79,33 @@ class QueueWork:
     def done(self) -> bool:
         """True once the put is stored (or has failed); never blocks."""
         return self._future.done()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """``await work``: ``wait()`` for asyncio, without blocking the loop or
+        holding a thread.  Raises the put's error.  Cancelling the awaiting
+        task does not recall the put: it goes on (await or ``wait()`` again to
+        learn how it ended), and the tensor must not be modified before
+        ``done()``; a ``put_tensor`` work dropped then no longer blocks in its
+        destructor (kept until the put ends, a failure is logged)."""
+        return self._await().__await__()
+
+    async def _await(self) -> None:
+        try:
+            if self._staged is not None:  # as wait(): the stream waits, not the CPU
+                self._staged.make_stream_wait()
+                if self._future.done():
+                    self._future.result()
+                return
+            await _aio.wait_future(self._future)
+        except asyncio.CancelledError:
+            if self._wait_on_del and not self._future.done():
+                # Kept alive until the put ends, so that dropping it never blocks
+                # the loop: its destructor then runs where the put completes.
+                self._future.add_done_callback(lambda _f, work=self: None)
+            raise
+        except BaseException:
+            self._wait_on_del = False  # the caller has seen the error
+            raise
 
     def __del__(self) -> None:
         if getattr(self, "_wait_on_del", False):
@@ -312,6 +341,58 @@ class Queue:
         return QueueWork(self._put([_items.object_item(object)], block, timeout),
                          wait_on_del=False)
 
+    async def aput_tensor(self, tensor: torch.Tensor, block: bool = True,
+                          timeout: float | None = None) -> None:
+        """``put_tensor(tensor, block, timeout).wait()`` for asyncio: returns once
+        the tensor is stored at its host (a CUDA tensor on an unbounded queue:
+        once the current stream waits for its copy-out, as ``wait()``); never
+        blocks the event loop, holds no thread.  Do not modify ``tensor``
+        before it returns.
+
+        On a bounded queue it waits (parked in the host's line of putters) for
+        room and raises ``queue.Full`` if none came.  Cancellation: a put to
+        an unbounded queue is handed over as soon as the coroutine starts and
+        cannot be recalled: it goes on (a failure is logged); a bounded put
+        leaves the line unless it was already stored, and the CancelledError's
+        ``moodist_stored`` says which.
+        """
+        timeout = _check_blocking(block, timeout)
+        check_tensor(tensor)
+        if not self._maxsize:
+            await self.put_tensor(tensor)
+            return
+        if tensor.device.type == "cuda":
+            staged = StagedCopy(tensor)
+            meta = tensor_meta(tensor)
+            # The stager's thread waits for the copy (after the puts it holds).
+            await _aio.wait_future(_stager(self._node).submit(staged.ready, Future.completed))
+            item = _items.host_tensor_item(meta, staged.host)
+        else:
+            item = self._tensor_item(tensor)
+        await self._aput_bounded([item], block, timeout)
+
+    async def aput_object(self, object: Any, block: bool = True,  # noqa: A002
+                          timeout: float | None = None) -> None:
+        """``put_object(object, block, timeout).wait()`` for asyncio; otherwise
+        as :meth:`aput_tensor`.  Like any coroutine it does nothing until
+        awaited: the snapshot of ``object`` is taken then."""
+        timeout = _check_blocking(block, timeout)
+        item = _items.object_item(object)
+        if not self._maxsize:
+            await _aio.wait_future(self._put([item], True, None))
+            return
+        await self._aput_bounded([item], block, timeout)
+
+    async def _aput_bounded(self, items: list[Item], block: bool, timeout: float | None
+                            ) -> None:
+        stager = _stager(self._node, create=False)
+        if stager is not None and stager.busy():  # CUDA puts in flight go first, in order
+            await _aio.wait_future(stager.submit(lambda: None, Future.completed))
+        stored = await _aio.put_bounded(self._node, self._ref, self._host, items,
+                                        self._maxsize, timeout if block else 0.0)
+        if not stored:
+            raise Full(f"queue full ({self._maxsize} items at rank {self._host})")
+
     def transaction(self) -> TransactionContextManager:
         """Collect puts that become visible at once when the ``with`` block ends."""
         return TransactionContextManager(self)
@@ -380,13 +461,51 @@ class Queue:
         return self._get(ItemKind.OBJECT, block, timeout, return_size)
 
     def _get(self, kind: ItemKind, block: bool, timeout: float | None, return_size: bool) -> Any:
+        timeout = self._check_get(block, timeout)
+        got = self._node.get(self._ref, self._read_from, kind, block, timeout, _items.decode)
+        if got is None:
+            raise Empty
+        return got if return_size else got[0]
+
+    def _check_get(self, block: bool, timeout: float | None) -> float | None:
         timeout = _check_blocking(block, timeout)
         if not self._single and not self._local:
             raise RuntimeError(
                 f"rank {self._group.rank()} is not in this multicast queue's location "
                 f"{list(self._locations)}: only those ranks can get from it"
             )
-        got = self._node.get(self._ref, self._read_from, kind, block, timeout, _items.decode)
+        return timeout
+
+    async def aget_tensor(self, block: bool = True, timeout: float | None = None,
+                          return_size: bool = False,
+                          device: torch.device | str | None = None) -> Any:
+        """``get_tensor`` for asyncio: same parameters, result and errors
+        (``queue.Empty`` when nothing came), but it never blocks the event loop
+        and holds no thread while it waits (it waits in the host's line of
+        getters, in arrival order with every other get).
+
+        Cancellation-safe (``task.cancel()``, ``asyncio.timeout``,
+        ``asyncio.wait_for``): it either returns the item or raises with the
+        queue unchanged; an item already on its way goes back to the head.
+        """
+        dev = resolve_device(device)
+        got = await self._aget(ItemKind.TENSOR, block, timeout, return_size)
+        if dev is None:
+            return got
+        if return_size:
+            return land(got[0], dev), got[1]
+        return land(got, dev)
+
+    async def aget_object(self, block: bool = True, timeout: float | None = None,
+                          return_size: bool = False) -> Any:
+        """``get_object`` for asyncio; as :meth:`aget_tensor`."""
+        return await self._aget(ItemKind.OBJECT, block, timeout, return_size)
+
+    async def _aget(self, kind: ItemKind, block: bool, timeout: float | None,
+                    return_size: bool) -> Any:
+        timeout = self._check_get(block, timeout)
+        got = await _aio.get(self._node, self._ref, self._read_from, kind, block, timeout,
+                             _items.decode)
         if got is None:
             raise Empty
         return got if return_size else got[0]
@@ -406,6 +525,23 @@ class Queue:
         timeout = _check_timeout(timeout)
         self._check_readable("wait")
         return self._node.wait(self._ref, self._read_from, timeout)
+
+    async def aqsize(self) -> int:
+        """``qsize()`` for asyncio (a request, when the host is another rank)."""
+        self._check_readable("aqsize")
+        return await _aio.qsize(self._node, self._ref, self._read_from)
+
+    async def aempty(self) -> bool:
+        """``empty()`` for asyncio."""
+        return await self.aqsize() == 0
+
+    async def a_wait(self, timeout: float | None = None) -> bool:
+        """``wait(timeout)`` for asyncio: True once the queue holds an item,
+        False if ``timeout`` expired.  (Named ``a_wait``, not ``await``:
+        that is a keyword.)  Never blocks the loop; cancellation withdraws it."""
+        timeout = _check_timeout(timeout)
+        self._check_readable("a_wait")
+        return await _aio.wait(self._node, self._ref, self._read_from, timeout)
 
     def _check_readable(self, what: str) -> None:
         if not self._single and not self._local:

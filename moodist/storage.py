@@ -17,6 +17,12 @@ nothing behind: its getter or putter leaves the line, and an item already
 handed to an interrupted getter goes back to the head.  An interrupted bounded
 put was either stored or not: the exception's ``moodist_stored`` attribute
 says which.
+
+Waiters that hold no thread (:class:`CallbackGetter`, :class:`CallbackPutter`,
+``watch(..., on_close=)``; the asyncio forms in :mod:`moodist.aio`) wait in
+the same lines and are told of their outcome by a callback under the lock;
+whoever parked them undoes that with ``cancel``/``cancel_putter``/the
+withdraw function, which says whether the outcome came first.
 """
 
 from __future__ import annotations
@@ -95,6 +101,77 @@ class _LocalGetter(Getter):
         self.error = error
 
 
+class CallbackGetter(Getter):
+    """A get on this rank that does not block a thread: it waits in line and
+    reports its outcome to ``notify(getter)`` (e.g. an event loop's
+    ``call_soon_threadsafe``), which runs under the storage lock on whichever
+    thread served it and must not block.  ``result`` or ``error`` is set
+    before ``notify`` runs.  If ``notify`` raises (its receiver is gone), the
+    item is refused and stays at the head of the queue.
+
+    Whoever parked it resolves the race with delivery through the storage:
+    ``Storage.cancel(getter)`` returns True if it left the line before being
+    served (then it never will be), False if it was served (then ``result``
+    or ``error`` is set, and an unwanted item goes back with ``put(...,
+    at_head=True)``).  The storage's close fails it like a blocked local get.
+    """
+
+    __slots__ = ("result", "error", "_notify")
+
+    def __init__(self, kind: ItemKind, notify: Callable[[CallbackGetter], object]) -> None:
+        super().__init__(kind)
+        self.result: tuple[Item, int] | None = None
+        self.error: BaseException | None = None
+        self._notify = notify
+
+    def deliver(self, item: Item, size: int) -> bool:
+        self.result = (item, size)
+        try:
+            self._notify(self)
+        except Exception:  # e.g. the event loop is closed: nobody will take it
+            self.result = None
+            return False
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        try:
+            self._notify(self)
+        except Exception:
+            pass
+
+
+class CallbackPutter(Putter):
+    """A bounded put on this rank that does not block a thread: it waits in
+    the putter line and calls ``notify(putter)`` (under the storage lock, on
+    any thread; must not block) once ``admitted`` (its items are stored) or
+    failed (``error``: the storage closed).  ``Storage.cancel_putter`` takes
+    it out of line (True: not stored, and never will be)."""
+
+    __slots__ = ("admitted", "error", "_notify")
+
+    def __init__(self, items: list[Item], maxsize: int,
+                 notify: Callable[[CallbackPutter], object]) -> None:
+        super().__init__(items, maxsize)
+        self.admitted = False
+        self.error: BaseException | None = None
+        self._notify = notify
+
+    def admit(self) -> None:
+        self.admitted = True
+        try:
+            self._notify(self)
+        except Exception:  # stored all the same; its waiter is gone
+            pass
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        try:
+            self._notify(self)
+        except Exception:
+            pass
+
+
 class Storage:
     """The items of one queue at its host.  Thread safe."""
 
@@ -108,6 +185,8 @@ class Storage:
         self._getters: deque[Getter] = deque()
         self._putters: deque[Putter] = deque()
         self._watchers: list[Callable[[int], None]] = []
+        # watchers that also want to hear of close (watch(..., on_close=))
+        self._close_watchers: dict[Callable[[int], None], Callable[[BaseException], None]] = {}
         self._cond = threading.Condition(threading.Lock())
         self._closed: BaseException | None = None
 
@@ -257,6 +336,36 @@ class Storage:
             self._getters.append(getter)
             return True
 
+    def get_or_park(self, getter: Getter, block: bool = True) -> tuple[Item, int] | None:
+        """Try now, else park: return ``(item, size before the get)`` if an item
+        is here (``getter`` is not used then), else queue ``getter`` (when
+        ``block``) and return None.  Raises the close error, or ItemKindError
+        (the item stays) if the head item is of another kind."""
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            if self._items:
+                taken = self._take(getter.kind)
+                if self._putters:
+                    self._serve()
+                return taken
+            if block:
+                self._getters.append(getter)
+            return None
+
+    def put_or_park(self, putter: Putter, block: bool = True) -> bool:
+        """Store ``putter``'s items now if they fit (True, ``admit`` called);
+        otherwise queue it (when ``block``) and return False.  Raises the
+        close error."""
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            if self._admit_now(putter):
+                return True
+            if block:
+                self._putters.append(putter)
+            return False
+
     def cancel(self, getter: Getter) -> bool:
         """Take ``getter`` out of line; False if it was already served."""
         with self._cond:
@@ -308,27 +417,39 @@ class Storage:
         with self._cond:
             self._closed = error
             for getter in self._getters:
-                if isinstance(getter, _LocalGetter):
+                if isinstance(getter, (_LocalGetter, CallbackGetter)):
                     getter.fail(error)
             self._getters.clear()
             for putter in self._putters:
                 putter.fail(error)
             self._putters.clear()
             self._watchers.clear()
+            close_watchers, self._close_watchers = self._close_watchers, {}
+            for on_close in close_watchers.values():
+                on_close(error)
             self._cond.notify_all()
 
-    def watch(self, callback: Callable[[int], None]) -> Callable[[], bool]:
+    def watch(self, callback: Callable[[int], None],
+              on_close: Callable[[BaseException], None] | None = None) -> Callable[[], bool]:
         """Call ``callback(size)`` once, under the lock, as soon as the queue
         is non-empty (at once if it is).  Returns a function that withdraws
-        the watch (True if it was still pending)."""
+        the watch (True if it was still pending).  With ``on_close``, the
+        storage's close calls ``on_close(error)`` instead (under the lock; at
+        once if it is closed already); neither may block."""
         with self._cond:
+            if on_close is not None and self._closed is not None:
+                on_close(self._closed)
+                return lambda: False
             if self._items:
                 callback(len(self._items))
                 return lambda: False
             self._watchers.append(callback)
+            if on_close is not None:
+                self._close_watchers[callback] = on_close
 
         def withdraw() -> bool:
             with self._cond:
+                self._close_watchers.pop(callback, None)
                 try:
                     self._watchers.remove(callback)
                 except ValueError:
@@ -385,6 +506,9 @@ class Storage:
             changed = True
         if self._items and self._watchers:
             watchers, self._watchers = self._watchers, []
+            if self._close_watchers:
+                for callback in watchers:
+                    self._close_watchers.pop(callback, None)
             for callback in watchers:
                 callback(len(self._items))
         if changed or self._items:

@@ -31,6 +31,7 @@ CASES = {
     "transactions": (3, [1]),
     "named_queues": (2, [0]),
     "polling": (2, [0, 1]),
+    "asyncio_workers": (3, [0, 1, 2]),
 }
 
 
