@@ -27,6 +27,7 @@ import torch.distributed as dist
 import zmq
 
 from .auth import AuthenticationError, membership_proof
+from .cuda import Stager
 from .node import Node
 from .transport import Transport
 
@@ -128,6 +129,7 @@ class MoodistProcessGroup:
         self._queues_lock = threading.Lock()
         self._unnamed_count = 0
         self._shutdown = False
+        self._stager: Stager | None = None
         self._pid = os.getpid()  # in a forked child this group is the parent's
 
         seq = store.add(f"moodist/seq/{rank}", 1)
@@ -234,6 +236,19 @@ class MoodistProcessGroup:
     @property
     def node(self) -> Node:
         return self._node
+
+    def cuda_stager(self) -> Stager:
+        """The stager of this rank's CUDA puts, made on the first one; at shutdown
+        what it holds goes out first, then its thread stops."""
+        with self._queues_lock:
+            if self._stager is None:
+                self._stager = Stager(f"moodist-cuda-{self._rank}")
+                self._node.before_close(self._stager.close)
+            return self._stager
+
+    def cuda_stager_if_any(self) -> Stager | None:
+        """The stager, if a CUDA put made one (other puts then queue behind it)."""
+        return self._stager
 
     def barrier(self, tag: str, payload: str = "") -> list[bytes]:
         """Wait until every rank has called ``barrier(tag)``; return each rank's payload."""

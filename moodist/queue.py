@@ -12,21 +12,20 @@ import logging
 import queue as _stdlib_queue
 import threading
 import weakref
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from . import aio as _aio
 from . import items as _items
-from .cuda import StagedCopy, Stager, land, resolve_device
+from .cuda import StagedCopy, land, resolve_device
 from .distributed import process_group as _torch_process_group
 from .futures import Future
 from .group import MoodistProcessGroup, find_process_group
 from .items import Item, ItemKind
-from .node import Node
 from .protocol import QueueRef
 from .serialize import check_tensor, tensor_meta
 
@@ -101,7 +100,7 @@ class QueueWork:
             if self._wait_on_del and not self._future.done():
                 # Kept alive until the put ends, so that dropping it never blocks
                 # the loop: its destructor then runs where the put completes.
-                self._future.add_done_callback(lambda _f, work=self: None)
+                self._future.add_done_callback(_keeping(self))
             raise
         except BaseException:
             self._wait_on_del = False  # the caller has seen the error
@@ -119,22 +118,6 @@ def _log_failed_cuda_put(future: Future) -> None:
     error = future.error()
     if error is not None:
         log.error("moodist: a put_tensor of a CUDA tensor failed: %s", error)
-
-
-_stagers: weakref.WeakKeyDictionary[Node, Stager] = weakref.WeakKeyDictionary()
-_stagers_lock = threading.Lock()
-
-
-def _stager(node: Node, create: bool = True) -> Stager | None:
-    """The node's stager of CUDA puts (created on the first CUDA put)."""
-    stager = _stagers.get(node)
-    if stager is None and create:
-        with _stagers_lock:
-            stager = _stagers.get(node)
-            if stager is None:
-                stager = _stagers[node] = Stager(f"moodist-cuda-{node.rank}")
-                node.before_close(stager.close)  # staged puts go out, then it stops
-    return stager
 
 
 class TransactionContextManager:
@@ -365,7 +348,7 @@ class Queue:
             staged = StagedCopy(tensor)
             meta = tensor_meta(tensor)
             # The stager's thread waits for the copy (after the puts it holds).
-            await _aio.wait_future(_stager(self._node).submit(staged.ready, Future.completed))
+            await _aio.wait_future(self._group.cuda_stager().submit(staged.ready, Future.completed))
             item = _items.host_tensor_item(meta, staged.host)
         else:
             item = self._tensor_item(tensor)
@@ -385,7 +368,7 @@ class Queue:
 
     async def _aput_bounded(self, items: list[Item], block: bool, timeout: float | None
                             ) -> None:
-        stager = _stager(self._node, create=False)
+        stager = self._group.cuda_stager_if_any()
         if stager is not None and stager.busy():  # CUDA puts in flight go first, in order
             await _aio.wait_future(stager.submit(lambda: None, Future.completed))
         stored = await _aio.put_bounded(self._node, self._ref, self._host, items,
@@ -410,7 +393,7 @@ class Queue:
         def send() -> Future:
             return self._put_now([_items.host_tensor_item(meta, staged.host)], block, timeout)
 
-        stager = _stager(self._node)
+        stager = self._group.cuda_stager()
         if self._maxsize:  # the caller blocks for room anyway: send from here, in order
             stager.flush()
             staged.ready()
@@ -418,7 +401,7 @@ class Queue:
         return QueueWork(stager.submit(staged.ready, send), wait_on_del=True, staged=staged)
 
     def _put(self, items: list[Item], block: bool, timeout: float | None) -> Future:
-        stager = _stager(self._node, create=False)
+        stager = self._group.cuda_stager_if_any()
         if stager is not None and stager.busy():  # CUDA puts in flight: keep the order
             if not self._maxsize:
                 return stager.submit(lambda: None, lambda: self._put_now(items, block, timeout))
@@ -594,17 +577,32 @@ def _rebuild_queue(group_name: str, location: int | list[int], name: str,
 ATTACH_TIMEOUT = 10.0  # seconds a named queue waits for the other ranks to attach a group
 
 
+def _keeping(work: QueueWork) -> Callable[[Future], None]:
+    """A callback that holds ``work`` until it runs."""
+
+    def keep(_done: Future) -> None:
+        del _done
+        _ = work
+
+    return keep
+
+
+def _is_non_member(value: object) -> bool:
+    """What ``new_group`` returns on a rank outside the group (an int sentinel)."""
+    return type(value) is int
+
+
 def _resolve_group(
     process_group: MoodistProcessGroup | dist.ProcessGroup | str, named: bool = False,
 ) -> MoodistProcessGroup:
     if isinstance(process_group, MoodistProcessGroup):
         return process_group
-    if isinstance(process_group, dist.ProcessGroup) or type(process_group) is int:
+    if isinstance(process_group, dist.ProcessGroup) or _is_non_member(process_group):
         # A "moodist" torch group carries its own; any other is attached (collectively)
-        # on first use and cached (see moodist.process_group).  (An int: what new_group
-        # returns on a rank outside it, which process_group() explains.)
+        # on first use and cached (see moodist.process_group, which also explains the
+        # sentinel of a rank outside the group).
         try:
-            return _torch_process_group(process_group,  # type: ignore[arg-type]
+            return _torch_process_group(cast(dist.ProcessGroup, process_group),
                                         join_timeout=ATTACH_TIMEOUT if named else None)
         except TimeoutError as e:
             raise RuntimeError(
