@@ -19,7 +19,6 @@ from cluster import ends_together, poll_until
 import moodist
 from moodist import Queue
 from moodist.cuda import Stager
-from moodist.queue import _stager
 
 TIMEOUT = 30.0
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -99,7 +98,7 @@ def _rank_order_behind_a_staged_put(ctx):
     if ctx.rank == 1:
         return [q.get_object(timeout=TIMEOUT) for _ in range(4)]
     copy_done = threading.Event()
-    stager = _stager(q._node)
+    stager = q._group.cuda_stager()
     item = moodist.items.object_item("staged")
     stager.submit(copy_done.wait, lambda: q._put_now([item], True, None))
 
@@ -232,7 +231,7 @@ def _rank_shutdown_sends_staged_puts(ctx):
         ctx.barrier("received")
         return got
     copy_done = threading.Event()
-    stager = _stager(q._node)
+    stager = q._group.cuda_stager()
     item = moodist.items.object_item("staged before shutdown")
     stager.submit(copy_done.wait, lambda: q._put_now([item], True, None))
     threading.Timer(0.2, copy_done.set).start()  # the "GPU copy" ends after shutdown began
