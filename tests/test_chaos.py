@@ -9,7 +9,7 @@ most one missing per killed consumer (the item it had in hand after its get retu
 before it could log it); each consumer saw each producer's items in order, except the
 items that went back to the queue from a killed consumer (at most one per kill); the
 host holds nothing and no lease.  The queue is bounded, so the run is steady-state:
-``MOODIST_CHAOS_SECONDS`` (default 15) runs generations of up to 60 s for as long as
+``MOODIST_CHAOS_SECONDS`` (default 10) runs generations of up to 60 s for as long as
 asked, each checked on its own, within bounded memory.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 SCRIPT = Path(__file__).with_name("chaos_rank.py")
-SECONDS = float(os.environ.get("MOODIST_CHAOS_SECONDS", "15"))
+SECONDS = float(os.environ.get("MOODIST_CHAOS_SECONDS", "10"))
 SEED = int(os.environ.get("MOODIST_CHAOS_SEED", "1"))
 PRODUCERS, ACTIVE, KILLS = 2, 2, 3
 PEER_TIMEOUT = 1.0

@@ -237,7 +237,7 @@ def _substituted_curve_key(ctx, token, forge_tag):
     if ctx.rank == 1:
         original = moodist.MoodistProcessGroup._exchange
 
-        def late_reader(self, tag, value):
+        def late_reader(self, tag, value, *rest):
             if tag == "addr":
                 key = f"{self._prefix}/addr/0"
                 entry = json.loads(_wait(ctx.store, key))
@@ -247,7 +247,7 @@ def _substituted_curve_key(ctx, token, forge_tag):
                     entry["auth"]["curve_tag"] = derive(b"another secret", "curve key", 0,
                                                         public).hex()
                 ctx.store.set(key, json.dumps(entry))
-            return original(self, tag, value)
+            return original(self, tag, value, *rest)
 
         moodist.MoodistProcessGroup._exchange = late_reader
     t0 = time.monotonic()
@@ -293,14 +293,14 @@ def _relayed_password(ctx, token):
     real: dict = {}
     original = moodist.MoodistProcessGroup._exchange
 
-    def late_reader(self, tag, value):
+    def late_reader(self, tag, value, *rest):
         if tag == "addr":
             key = f"{self._prefix}/addr/0"
             entry = json.loads(_wait(ctx.store, key))
             real["address"] = entry["address"]
             entry["address"] = evil_address
             ctx.store.set(key, json.dumps(entry))
-        return original(self, tag, value)
+        return original(self, tag, value, *rest)
 
     moodist.MoodistProcessGroup._exchange = late_reader
     try:

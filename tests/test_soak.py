@@ -37,7 +37,7 @@ from cluster import rss_bytes
 
 from moodist import Empty, Full, ItemKindError, Queue
 
-SECONDS = float(os.environ.get("MOODIST_SOAK_SECONDS", "30"))
+SECONDS = float(os.environ.get("MOODIST_SOAK_SECONDS", "20"))
 NPROCS = 4
 MAX_UNWAITED = 64  # puts a rank leaves unwaited before it waits for the oldest
 RSS_GROWTH_LIMIT = 300 << 20

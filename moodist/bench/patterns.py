@@ -18,7 +18,7 @@ What is measured (every pattern between real processes, after a warmup run,
   is waited), rank 0 -> a queue on rank 1: objects/s at the receiver.
 - ``fanin``: every rank but 0 streams 4 KiB tensors to one queue on rank 0:
   aggregate msg/s at rank 0 (with 2 ranks this is 1 -> 1).
-- ``multicast``: rank 0 puts 4 KiB tensors to ``location=[1..N-1]``; msg/s
+- ``multicast``: rank 0 puts tensors of each ``--sizes`` to ``location=[1..N-1]``; msg/s
   per receiver, from the slowest receiver's clock.
 - ``remote-get``: rank 1 pre-fills a queue it hosts with 4 KiB tensors; rank
   0 takes them with ``get_tensor``: gets/s.
@@ -196,10 +196,10 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("fanin", "4 KiB tensors, ranks 1..N-1 -> queue on rank 0 (aggregate msg/s)",
             {"moodist": moodist_fanin, "gloo": b.gloo_fanin, "mpqueue": b.mpqueue_fanin},
             count=lambda size: 2000),
-    Pattern("multicast", "4 KiB tensors rank 0 -> location=[1..N-1] (msg/s per receiver)",
+    Pattern("multicast", "tensors of each --sizes rank 0 -> location=[1..N-1] (per receiver)",
             {"moodist": moodist_multicast, "gloo": b.gloo_multicast,
              "mpqueue": b.mpqueue_multicast},
-            count=lambda size: 2000),
+            count=_stream_count, sizes=lambda opts: list(opts.sizes), min_count=12),
     Pattern("remote-get", "rank 0 gets 4 KiB tensors from a pre-filled queue on rank 1 (get/s)",
             {"moodist": moodist_remote_get, "gloo": b.gloo_remote_get,
              "mpqueue": b.mpqueue_remote_get, "tcp": b.tcp_remote_get,
