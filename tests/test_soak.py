@@ -1,7 +1,7 @@
 """Soak: 4 ranks doing a random mix of every operation, every item counted
 (issue 4, item 6).
 
-Each rank runs for ``MOODIST_SOAK_SECONDS`` (default 30) a seeded random mix
+Each rank runs for ``MOODIST_SOAK_SECONDS`` (default 20) a seeded random mix
 of: put_object, put_tensor (16 B to 256 KiB), transactions,
 bounded puts that may time out, gets of either kind (blocking, with
 timeouts, non-blocking, with ``return_size``), qsize, wait, and multicast
