@@ -47,7 +47,7 @@ from typing import Any
 
 from . import protocol
 from .client import _OUTCOME_WAIT, Client
-from .errors import ItemDecodeError, PeerLostError
+from .errors import PeerLostError
 from .futures import Future
 from .items import Item, ItemKind
 from .node import Node
@@ -121,16 +121,7 @@ async def get(node: Node, ref: QueueRef, host: int, kind: ItemKind, block: bool,
         return await _remote_get(node.client, host, ref, kind, block, timeout, decode)
     storage = node.local_storage(ref)
     got = await _local_get(storage, kind, block, timeout)
-    if got is None:
-        return None
-    item, size = got
-    try:
-        return decode(item), size
-    except ItemDecodeError:
-        raise
-    except BaseException:
-        storage.put([item], at_head=True)
-        raise
+    return None if got is None else storage.decode_taken(got, decode)
 
 
 async def _local_get(storage: Storage, kind: ItemKind, block: bool, timeout: float | None

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import protocol
 from .client import Client
-from .errors import GroupShutdownError, ItemDecodeError, PeerLostError
+from .errors import GroupShutdownError, PeerLostError
 from .futures import Future
 from .host import Host, Refused
 from .items import Item, ItemKind
@@ -107,16 +107,7 @@ class Node:
             return self.client.get(host, ref, kind, block, timeout, decode)
         storage = self.host._storage_for(self.rank, ref)
         got = storage.get(kind, block, timeout)
-        if got is None:
-            return None
-        item, size = got
-        try:
-            return decode(item), size
-        except ItemDecodeError:
-            raise
-        except BaseException:
-            storage.put([item], at_head=True)
-            raise
+        return None if got is None else storage.decode_taken(got, decode)
 
     def qsize(self, ref: QueueRef, host: int) -> int:
         self._check_open()

@@ -31,8 +31,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from .errors import ItemKindError
+from .errors import ItemDecodeError, ItemKindError
 from .items import Item, ItemKind
 
 
@@ -302,6 +303,20 @@ class Storage:
             if getter.error is not None:
                 raise getter.error
             return getter.result
+
+    def decode_taken(self, taken: tuple[Item, int], decode: Callable[[Item], Any]
+                     ) -> tuple[Any, int]:
+        """``(decode(item), size)`` for ``taken``, an item just taken from here.
+        If decoding is interrupted (any exception but ItemDecodeError, which
+        consumes the item and carries its bytes), the item goes back to the head."""
+        item, size = taken
+        try:
+            return decode(item), size
+        except ItemDecodeError:
+            raise
+        except BaseException:
+            self.put([item], at_head=True)
+            raise
 
     def _abandon(self, getter: _LocalGetter) -> None:
         """An interrupted local get: out of line, and its item (if it was
