@@ -166,10 +166,10 @@ class MoodistProcessGroup:
             _check_proofs(key, self._prefix, offers)
         self._encrypted = bool(encrypt)
 
-        def make_transport(on_message: Callable[..., None], on_lost: Callable[..., None],
-                           on_batch_end: Callable[[], None]) -> Transport:
+        def make_transport(on_message: Callable[..., bool], on_lost: Callable[..., None]
+                           ) -> Transport:
             return Transport(rank, size, key, host, on_message, on_lost, peer_timeout,
-                             on_batch_end, bool(encrypt))
+                             curve=bool(encrypt))
 
         self._node = Node(rank, size, make_transport)
         with _groups_lock:

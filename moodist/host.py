@@ -22,7 +22,6 @@ from typing import Any
 
 from . import protocol
 from .errors import QueueMismatchError
-from .futures import Future
 from .items import Item, ItemKind
 from .protocol import ErrorCode, Kind, Message, QueueRef
 from .storage import Getter, Putter, Storage
@@ -30,8 +29,6 @@ from .transport import Transport
 
 log = logging.getLogger("moodist.host")
 
-# request(peer, build, acked) -> Future: a request of this rank's client
-Request = Callable[[int, Callable[[int], list[Any]], bool], Future]
 
 
 class Refused(Exception):

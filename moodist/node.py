@@ -39,7 +39,7 @@ class Node:
         self._deliveries: set[Future] = set()  # puts and copies not yet acknowledged
         self._before_close: list[Callable[[float], object]] = []
         self._closed: BaseException | None = None
-        self.transport = transport_factory(self._on_message, self._on_peer_lost, lambda: None)
+        self.transport = transport_factory(self._on_message, self._on_peer_lost)
         self.client = Client(rank, self.transport)
         self.host = Host(rank, size, self.transport, self.client.copy_stored)
         host = self.host

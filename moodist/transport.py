@@ -202,7 +202,6 @@ class Transport:
         on_message: Callable[[int, list[zmq.Frame]], bool | None],
         on_peer_lost: Callable[[int, PeerLostError], None],
         peer_timeout: float | None = None,
-        on_batch_end: Callable[[], None] | None = None,
         curve: bool = False,
     ) -> None:
         """``key``: the group's key (see :mod:`moodist.auth`); ``curve``: ZMTP
@@ -211,7 +210,6 @@ class Transport:
         self.size = size
         self._on_message = on_message
         self._on_peer_lost = on_peer_lost
-        self._on_batch_end = on_batch_end or (lambda: None)
         self.peer_timeout = (
             _env_float("MOODIST_PEER_TIMEOUT", 5.0) if peer_timeout is None else peer_timeout
         )
@@ -322,8 +320,11 @@ class Transport:
             ack = peer.inbox.ack_sent = peer.inbox.handled
             peer.socket.send_multipart([framing.head(framing.DATA, seq, ack) + body, *large],
                                        copy=False)
-        if not self._tick_armed:
-            self._tick_wanted = True  # the I/O thread arms it (no wake-up from here)
+        if not self._tick_armed and not self._tick_wanted:
+            # The I/O thread arms the resync tick; wake it, as it may sleep with no
+            # timer (this happens once per second at most while messages flow).
+            self._tick_wanted = True
+            self._wake()
         return True
 
     def lost_error(self, rank: int) -> PeerLostError | None:
@@ -493,7 +494,6 @@ class Transport:
                 self._dispatch(frames)
         finally:
             self._send_acks()
-            self._on_batch_end()
 
     def _send_acks(self) -> None:
         """One ACK to each peer whose handled messages no message has told it of."""

@@ -498,10 +498,14 @@ def _cut_and_reconnect(ctx):
                                 capture_output=True, text=True, timeout=10)
         q.put_object("after the cut").wait()
         ctx.barrier("put")
-        return killed.stdout.count("ESTAB"), g.node.transport.is_lost(0)
+        lost = g.node.transport.lost_error(0)
+        ctx.barrier("checked")  # (after this, leaving is not a loss)
+        return killed.stdout.count("ESTAB"), lost
     ctx.barrier("put")
     got = [q.get_object(timeout=10) for _ in range(2)]
-    return got, g.node.transport.is_lost(1)
+    lost = g.node.transport.lost_error(1)
+    ctx.barrier("checked")
+    return got, lost
 
 
 @pytest.mark.parametrize("mode", ["plain", "curve"])
@@ -515,4 +519,4 @@ def test_members_reconnect_after_a_cut_connection(cluster, mode):
     if killed == 0:
         pytest.skip("ss -K killed nothing (no CONFIG_INET_DIAG_DESTROY?)")
     assert got == ["before", "after the cut"]
-    assert not lost0 and not lost1
+    assert lost0 is None and lost1 is None, (lost0, lost1)
