@@ -333,6 +333,33 @@ def _stranger_messages() -> list[list[object]]:
     return puts + [framing.encode(body, seq) for seq, body in enumerate(bodies[1:], 9)]
 
 
+def _try_handshake(ctx: zmq.Context, address: str, options: dict[str, object]
+                   ) -> tuple[zmq.Socket, list[str]]:
+    """A stranger's DEALER with ``options`` connects to ``address`` and queues the
+    stranger messages; returns it and the handshake verdicts seen within 5 s."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    for option, value in options.items():
+        setattr(sock, option, value)
+    monitor = sock.get_monitor_socket()
+    sock.connect(address)
+    for msg in _stranger_messages():  # queued before the handshake, if they can be
+        try:
+            sock.send_multipart(msg, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+    seen: list[str] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(v != "disconnected" for v in seen):
+        if monitor.poll(100):
+            event = recv_monitor_message(monitor)["event"]
+            if event in _VERDICTS:
+                seen.append(_VERDICTS[event])
+    sock.disable_monitor()
+    monitor.close(0)
+    return sock, seen
+
+
 def _curve_attacks(server_key: bytes | None) -> dict[str, dict[str, object]]:
     """CURVE strangers: a key pair of their own, and the server's true public
     key when known (public keys are no secret)."""
@@ -356,31 +383,11 @@ def _attack(address: str, server_key: bytes | None) -> dict[str, list[str]]:
     ctx = zmq.Context()
     try:
         for name, options in {**_ATTACKS, **_curve_attacks(server_key)}.items():
-            sock = ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            for option, value in options.items():
-                setattr(sock, option, value)
-            monitor = sock.get_monitor_socket()
-            sock.connect(address)
-            for msg in _stranger_messages():
-                try:
-                    sock.send_multipart(msg, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            seen: list[str] = []
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and not any(v != "disconnected" for v in seen):
-                if monitor.poll(100):
-                    event = recv_monitor_message(monitor)["event"]
-                    if event in _VERDICTS:
-                        seen.append(_VERDICTS[event])
+            sock, seen = _try_handshake(ctx, address, options)
             # A stranger that did get through would have a reply by now.
-            replies = sock.poll(200)
-            if replies:
+            if sock.poll(200):
                 seen.append("got a reply")
             verdicts[name] = seen
-            sock.disable_monitor()
-            monitor.close(0)
             sock.close(0)
         # Not even ZMTP: raw bytes on the TCP port.
         host, port = address.removeprefix("tcp://").rsplit(":", 1)

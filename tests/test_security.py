@@ -26,7 +26,7 @@ import pytest
 import torch.distributed as dist
 import zmq
 from cluster import drain_objects
-from test_reliability import _VERDICTS, _stranger_messages
+from test_reliability import _VERDICTS, _stranger_messages, _try_handshake
 from zmq.utils.monitor import recv_monitor_message
 
 import moodist
@@ -126,27 +126,8 @@ def _attack(address: str, attacks: dict[str, dict]) -> dict[str, list[str]]:
     ctx = zmq.Context()
     try:
         for name, options in attacks.items():
-            sock = ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            for option, value in options.items():
-                setattr(sock, option, value)
-            monitor = sock.get_monitor_socket()
-            sock.connect(address)
-            for msg in _stranger_messages():  # queued before the handshake, if they can be
-                try:
-                    sock.send_multipart(msg, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            seen: list[str] = []
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and not any(v != "disconnected" for v in seen):
-                if monitor.poll(100):
-                    event = recv_monitor_message(monitor)["event"]
-                    if event in _VERDICTS:
-                        seen.append(_VERDICTS[event])
+            sock, seen = _try_handshake(ctx, address, options)
             verdicts[name] = seen
-            sock.disable_monitor()
-            monitor.close(0)
             if "succeeded" in seen:  # in: send them now, and let them leave
                 sock.sndtimeo = 5000
                 for msg in _stranger_messages():
