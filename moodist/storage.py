@@ -127,19 +127,14 @@ class CallbackGetter(Getter):
 
     def deliver(self, item: Item, size: int) -> bool:
         self.result = (item, size)
-        try:
-            self._notify(self)
-        except Exception:  # e.g. the event loop is closed: nobody will take it
+        if not _tell(self._notify, self):  # e.g. the event loop is closed: nobody takes it
             self.result = None
             return False
         return True
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        try:
-            self._notify(self)
-        except Exception:
-            pass
+        _tell(self._notify, self)
 
 
 class CallbackPutter(Putter):
@@ -160,17 +155,20 @@ class CallbackPutter(Putter):
 
     def admit(self) -> None:
         self.admitted = True
-        try:
-            self._notify(self)
-        except Exception:  # stored all the same; its waiter is gone
-            pass
+        _tell(self._notify, self)  # (stored all the same if its waiter is gone)
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        try:
-            self._notify(self)
-        except Exception:
-            pass
+        _tell(self._notify, self)
+
+
+def _tell(notify: Callable[[Any], object], waiter: object) -> bool:
+    """``notify(waiter)``; False if it raised (its receiver is gone)."""
+    try:
+        notify(waiter)
+    except Exception:
+        return False
+    return True
 
 
 class Storage:
