@@ -360,10 +360,13 @@ def _pickled_bounded(ctx):
     control = Queue(g, location=1, name="control")
     if rank == 0:
         control.put_object(Queue(g, location=0, name="bounded", maxsize=3)).wait()
+        ctx.barrier("used")  # rank 0 hosts it: stay until rank 1 is done
         return None
     q = control.get_object(timeout=10)
     q.put_object("fits").wait()
-    return q.maxsize, pickle.loads(pickle.dumps(q)) is q
+    result = q.maxsize, pickle.loads(pickle.dumps(q)) is q
+    ctx.barrier("used")
+    return result
 
 
 def test_a_named_queue_sent_through_a_queue_keeps_its_maxsize(cluster):
