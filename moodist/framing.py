@@ -6,8 +6,14 @@ A message is ``[head, *large]``.  ``head`` is one zmq frame::
     count u32 | count x length u64 | the inline frames' bytes        (the body)
 
 ``control`` says what the message is: ``DATA`` carries ``count`` frames for the
-node; every other value is a transport control message with no body (see
-:mod:`moodist.channel` for ``seq`` and ``ack``).  A frame of fewer than
+node; ``BATCH`` carries several DATA messages, numbered ``seq``, ``seq + 1``,
+... (several puts to one peer coalesced into one zmq message)::
+
+    n u32 | n x body length u32 | n DATA bodies (each as above)
+
+and their large frames follow, in order.  Every other value is a transport
+control message with no body (see :mod:`moodist.channel` for ``seq`` and
+``ack``).  A frame of fewer than
 ``INLINE_MAX`` bytes is copied into ``head`` (flag ``_INLINE`` in its length);
 a larger one travels as a zmq frame of its own, without a copy, or, to a rank
 on this host, as a shared-memory segment whose small descriptor is inline
@@ -21,9 +27,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 MAGIC = b"MQ"
-VERSION = 2
+VERSION = 3
 HEAD = struct.Struct("<2sBBQQ")
 _COUNT = struct.Struct("<I")
+_MAX_BATCH = 1 << 16
 INLINE_MAX = 8192
 _INLINE = 1 << 63
 _SHM = 1 << 62
@@ -36,6 +43,7 @@ NACK = 2  # "resend from seq": a message before it is missing
 SYNC = 3  # "I have sent up to seq": answered by ACK, or NACK if something is missing
 LOST = 4  # "I have declared you lost": the receiver declares the sender lost too
 BYE = 5  # "I am leaving the group" (clean shutdown)
+BATCH = 6  # several DATA messages, numbered from seq
 CONTROLS = frozenset((ACK, NACK, SYNC, LOST, BYE))
 
 
@@ -99,7 +107,7 @@ def decode_head(zframe0: Any) -> tuple[int, int, int]:
     magic, version, control, seq, ack = HEAD.unpack_from(view)
     if magic != MAGIC or version != VERSION:
         raise ValueError("bad magic or version")
-    if control != DATA and (control not in CONTROLS or view.nbytes != HEAD.size):
+    if control not in (DATA, BATCH) and (control not in CONTROLS or view.nbytes != HEAD.size):
         raise ValueError(f"bad control message {control}")
     return control, seq, ack
 
@@ -116,24 +124,69 @@ def decode_body(zframes: Sequence[Any],
     if not zframes:
         raise ValueError("empty message")
     view = memoryview(getattr(zframes[0], "buffer", zframes[0]))
+    large = iter(zframes[1:])
+    frames = _decode_region(view, HEAD.size, view.nbytes, large, attach)
+    if next(large, None) is not None:
+        raise ValueError("bytes left over after the last frame")
+    return frames
+
+
+def decode_batch(zframes: Sequence[Any],
+                 attach: Callable[[memoryview], Any] | None = None) -> list[list[Any]]:
+    """The frames of each message of a BATCH, in order (as :func:`decode_body`)."""
+    if not zframes:
+        raise ValueError("empty message")
+    view = memoryview(getattr(zframes[0], "buffer", zframes[0]))
     pos = HEAD.size
     if view.nbytes < pos + _COUNT.size:
+        raise ValueError("batch shorter than its count")
+    (n,) = _COUNT.unpack_from(view, pos)
+    pos += _COUNT.size
+    if not 0 < n <= _MAX_BATCH or pos + 4 * n > view.nbytes:
+        raise ValueError("bad batch count")
+    sizes = struct.unpack_from(f"<{n}I", view, pos)
+    pos += 4 * n
+    large = iter(zframes[1:])
+    messages = []
+    for size in sizes:
+        if pos + size > view.nbytes:
+            raise ValueError("batch body runs past the message")
+        messages.append(_decode_region(view, pos, pos + size, large, attach))
+        pos += size
+    if pos != view.nbytes or next(large, None) is not None:
+        raise ValueError("bytes left over after the last message of a batch")
+    return messages
+
+
+def encode_batch(first_seq: int, ack: int, entries: Sequence[tuple[bytes, list[Any]]]
+                 ) -> list[Any]:
+    """One BATCH message of ``(body, large frames)`` numbered from ``first_seq``."""
+    bodies = [body for body, _ in entries]
+    table = _COUNT.pack(len(bodies)) + struct.pack(f"<{len(bodies)}I", *map(len, bodies))
+    large = [frame for _, frames in entries for frame in frames]
+    return [b"".join([head(BATCH, first_seq, ack), table, *bodies]), *large]
+
+
+def _decode_region(view: memoryview, pos: int, end: int, large: Any,
+                   attach: Callable[[memoryview], Any] | None) -> list[Any]:
+    """The frames of one DATA body at ``view[pos:end]``, taking its large
+    frames from the iterator ``large``."""
+    if end < pos + _COUNT.size:
         raise ValueError("message shorter than its frame table")
     (count,) = _COUNT.unpack_from(view, pos)
     pos += _COUNT.size
     lengths_at = pos
     pos += 8 * count
-    if count > _MAX_FRAMES or pos > view.nbytes:
+    if count > _MAX_FRAMES or pos > end:
         raise ValueError("frame table larger than the message")
     frames: list[Any] = []
     shared: list[int] = []
-    large = iter(zframes[1:])
     for n in struct.unpack_from(f"<{count}Q", view, lengths_at):
         if n & _INLINE:
             if n & _SHM:
                 shared.append(len(frames))
             n &= ~(_INLINE | _SHM)
-            if pos + n > view.nbytes:
+            if pos + n > end:
                 raise ValueError("inline frame runs past the message")
             frames.append(view[pos : pos + n])
             pos += n
@@ -142,7 +195,7 @@ def decode_body(zframes: Sequence[Any],
             if frame is None or len(frame) != n:
                 raise ValueError("large frame missing or of the wrong size")
             frames.append(frame)
-    if pos != view.nbytes or next(large, None) is not None:
+    if pos != end:
         raise ValueError("bytes left over after the last frame")
     if shared and attach is None:
         raise ValueError("shared-memory frame from a rank that may not send one")

@@ -17,7 +17,15 @@ Threads:
 
 Delivery: exactly once and in order per pair of ranks while both live, across
 reconnects (sequence numbers, acknowledgements and resends: see
-:mod:`moodist.channel`).  ``send(..., on_done)`` calls ``on_done(None)`` once
+:mod:`moodist.channel`).
+
+Coalescing (Nagle's rule, for puts): a send with ``on_done`` (a put, which its
+receiver acknowledges at once) goes out at once unless an earlier one to the
+same peer still waits for its acknowledgement; then it waits, and everything
+that waited goes out as one BATCH message when that acknowledgement arrives
+(or at once, ahead of any later send without ``on_done``).  A stream of small
+puts thus costs one zmq message, one receive and one acknowledgement per
+round trip, not per put; a lone put, or a request, is never delayed.  ``send(..., on_done)`` calls ``on_done(None)`` once
 the peer has handled the message, or ``on_done(error)`` if the peer is lost or
 the transport closes first.
 
@@ -77,6 +85,7 @@ _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _DRAIN_BATCH = 256
 RESYNC_AFTER = 1.0  # seconds without an acknowledgement before a SYNC
 _LOST_NOTICE_EVERY = 1.0  # seconds between LOST answers to one lost peer
+_HOLD_MAX_BYTES = 1 << 20  # held (coalesced) message bodies beyond this go out at once
 _counter = itertools.count()
 
 
@@ -163,7 +172,8 @@ class _Peer:
     """One other rank: our DEALER to it, and both halves of the channel with it."""
 
     __slots__ = ("rank", "socket", "lock", "monitor", "connected", "down_since", "error",
-                 "outbox", "inbox", "tick_oldest", "lost_notice_at")
+                 "outbox", "inbox", "tick_oldest", "lost_notice_at", "held", "held_bytes",
+                 "put_seq")
 
     def __init__(self, rank: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.rank = rank
@@ -177,6 +187,11 @@ class _Peer:
         self.inbox = Inbox()  # I/O thread only
         self.tick_oldest = 0  # oldest unacknowledged seq at the last resync tick
         self.lost_notice_at = 0.0
+        # Coalescing (under lock): messages numbered but not sent yet, as
+        # (seq, body, large frames), and the seq of the last put sent.
+        self.held: list[tuple[int, bytes, list[Any]]] = []
+        self.held_bytes = 0
+        self.put_seq = 0
 
     @property
     def lost(self) -> bool:
@@ -243,6 +258,7 @@ class Transport:
         self._ack_due: set[_Peer] = set()  # I/O thread: peers to acknowledge after a batch
         # What recovering from lost messages took (rare paths only; for tests and debugging).
         self.stats = {"resent": 0, "duplicates": 0, "gaps": 0, "syncs": 0}
+        self.batches = 0  # BATCH messages sent (coalesced puts; for tests)
         self._closing = False  # the I/O thread is asked to stop
         self._closed = False  # sockets are being closed: nothing more is sent
         self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
@@ -282,6 +298,7 @@ class Transport:
         for peer in peers:
             with peer.lock:  # no send is half done after this
                 if not peer.lost:
+                    self._flush(peer)
                     peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
                                                   peer.inbox.handled))
                 callbacks = peer.outbox.drain()
@@ -306,7 +323,8 @@ class Transport:
         one rank are handled in the order their ``send`` calls took the peer's
         lock.  Frames at or above zmq's copy threshold are sent without a copy
         (zmq and the outbox hold a reference until acknowledged): do not
-        modify them until then.
+        modify them until then.  A send with ``on_done`` may be coalesced
+        with the next ones (see the module doc).
         """
         peer = self._peers.get(rank) or self._connect(rank)
         if peer is None or peer.error is not None:
@@ -315,17 +333,40 @@ class Transport:
         with peer.lock:
             if self._closed or peer.error is not None:
                 return False
-            outbox = peer.outbox
-            seq = outbox.add(body, large, on_done)
-            ack = peer.inbox.ack_sent = peer.inbox.handled
-            peer.socket.send_multipart([framing.head(framing.DATA, seq, ack) + body, *large],
-                                       copy=False)
+            seq = peer.outbox.add(body, large, on_done)
+            if peer.held or (on_done is not None and peer.put_seq > peer.outbox.acked):
+                peer.held.append((seq, body, large))
+                peer.held_bytes += len(body)
+                if on_done is None or peer.held_bytes > _HOLD_MAX_BYTES:
+                    self._flush(peer)  # nothing waits behind a put (order is kept)
+            else:
+                if on_done is not None:
+                    peer.put_seq = seq
+                ack = peer.inbox.ack_sent = peer.inbox.handled
+                peer.socket.send_multipart([framing.head(framing.DATA, seq, ack) + body, *large],
+                                           copy=False)
         if not self._tick_armed and not self._tick_wanted:
             # The I/O thread arms the resync tick; wake it, as it may sleep with no
             # timer (this happens once per second at most while messages flow).
             self._tick_wanted = True
             self._wake()
         return True
+
+    def _flush(self, peer: _Peer) -> None:
+        """(Under ``peer.lock``.)  Send the held messages, as one BATCH."""
+        held = peer.held
+        if not held:
+            return
+        peer.held, peer.held_bytes = [], 0
+        peer.put_seq = held[-1][0]
+        ack = peer.inbox.ack_sent = peer.inbox.handled
+        if len(held) == 1:
+            seq, body, large = held[0]
+            message = [framing.head(framing.DATA, seq, ack) + body, *large]
+        else:
+            self.batches += 1
+            message = framing.encode_batch(held[0][0], ack, [(b, lf) for _, b, lf in held])
+        peer.socket.send_multipart(message, copy=False)
 
     def lost_error(self, rank: int) -> PeerLostError | None:
         """The error ``rank`` was lost (or left) with, or None if it is not."""
@@ -526,8 +567,8 @@ class Transport:
         if peer.error is not None:
             self._tell_lost(peer)
             return
-        if control == framing.DATA:
-            self._receive_data(peer, seq, zframes)
+        if control == framing.DATA or control == framing.BATCH:
+            self._receive_data(peer, control, seq, zframes)
         elif control == framing.NACK:
             self._resend(peer, seq)
         elif control == framing.SYNC:
@@ -545,18 +586,42 @@ class Transport:
         if ack:
             self._acknowledged(peer, ack)
 
-    def _receive_data(self, peer: _Peer, seq: int, zframes: list[zmq.Frame]) -> None:
+    def _receive_data(self, peer: _Peer, control: int, seq: int,
+                      zframes: list[zmq.Frame]) -> None:
+        attach = None if self.shm is None else self.shm.attacher(peer.rank)
+        if control == framing.BATCH:
+            try:
+                messages = framing.decode_batch(zframes, attach)
+            except ValueError as e:
+                log.warning("moodist: dropped a batch from rank %d: %s", peer.rank, e)
+                return
+            for i, frames in enumerate(messages):
+                self._receive_one(peer, seq + i, frames)
+            return
+        if peer.inbox.classify(seq) is not NEW:  # (not decoded: it is dropped)
+            self._receive_one(peer, seq, None)
+            return
+        try:
+            frames = decode_body(zframes, attach)
+        except Exception as e:
+            log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
+            frames = None
+        self._receive_one(peer, seq, frames)
+
+    def _receive_one(self, peer: _Peer, seq: int, frames: list[Any] | None) -> None:
+        """Message ``seq`` from ``peer``: handle it if it is the next one
+        (``frames`` None: it is consumed unhandled, e.g. it was malformed)."""
         inbox = peer.inbox
         state = inbox.classify(seq)
         if state is NEW:
             inbox.accepted(seq)
             prompt = True
-            try:
-                attach = None if self.shm is None else self.shm.attacher(peer.rank)
-                prompt = bool(self._on_message(peer.rank, decode_body(zframes, attach)))
-            except Exception as e:
-                log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
-                log.debug("details", exc_info=True)
+            if frames is not None:
+                try:
+                    prompt = bool(self._on_message(peer.rank, frames))
+                except Exception as e:
+                    log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
+                    log.debug("details", exc_info=True)
             inbox.handled_upto(seq)
             if prompt:  # else the acknowledgement rides on later traffic, or a SYNC
                 self._ack_due.add(peer)
@@ -573,6 +638,8 @@ class Transport:
             return
         with peer.lock:
             callbacks = peer.outbox.ack(ack)
+            if peer.held and peer.put_seq <= peer.outbox.acked and not self._closed:
+                self._flush(peer)  # the puts in flight are acknowledged: send what waited
         _call_all(callbacks, None)
 
     def _resend(self, peer: _Peer, seq: int) -> None:
@@ -581,6 +648,8 @@ class Transport:
             if self._closed:
                 return
             ack = peer.inbox.ack_sent = peer.inbox.handled
+            peer.held, peer.held_bytes = [], 0  # (resent below, with the rest)
+            peer.put_seq = peer.outbox.last_sent
             for entry_seq, body, large, _on_done in peer.outbox.from_seq(seq):
                 self.stats["resent"] += 1
                 peer.socket.send_multipart(
@@ -649,6 +718,7 @@ class Transport:
             if peer.error is not None:
                 return
             peer.error = error
+            peer.held, peer.held_bytes = [], 0
             callbacks = peer.outbox.drain()
         if isinstance(error, PeerLeftError):
             log.debug("moodist: %s", error)

@@ -77,3 +77,25 @@ def test_framing_round_trips(frames, seq, ack):
     zframes = [zmq.Frame(bytes(memoryview(p))) for p in packed]
     assert framing.decode_head(zframes[0]) == (framing.DATA, seq, ack)
     assert [bytes(f) for f in framing.decode_body(zframes)] == frames
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.binary(max_size=9000), max_size=4), min_size=1, max_size=5),
+       st.integers(1, 2**63), st.integers(0, 2**64 - 1))
+def test_batches_round_trip(messages, seq, ack):
+    entries = [framing.encode_body(frames) for frames in messages]
+    packed = framing.encode_batch(seq, ack, entries)
+    zframes = [zmq.Frame(bytes(memoryview(p))) for p in packed]
+    assert framing.decode_head(zframes[0]) == (framing.BATCH, seq, ack)
+    decoded = framing.decode_batch(zframes)
+    assert [[bytes(f) for f in frames] for frames in decoded] == messages
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+def test_unframing_random_batches_raises_only_value_error(raw):
+    zframes = [zmq.Frame(framing.head(framing.BATCH, 1, 0) + raw[0]), *map(zmq.Frame, raw[1:])]
+    try:
+        framing.decode_batch(zframes)
+    except ValueError:
+        pass
