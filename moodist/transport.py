@@ -17,7 +17,9 @@ Threads:
 
 Delivery: exactly once and in order per pair of ranks while both live, across
 reconnects (sequence numbers, acknowledgements and resends: see
-:mod:`moodist.channel`).
+:mod:`moodist.channel`).  ``send(..., on_done)`` calls ``on_done(None)`` once
+the peer has handled the message, or ``on_done(error)`` if the peer is lost or
+the transport closes first.
 
 Coalescing (Nagle's rule, for puts): a send with ``on_done`` (a put, which its
 receiver acknowledges at once) goes out at once unless an earlier one to the
@@ -25,9 +27,7 @@ same peer still waits for its acknowledgement; then it waits, and everything
 that waited goes out as one BATCH message when that acknowledgement arrives
 (or at once, ahead of any later send without ``on_done``).  A stream of small
 puts thus costs one zmq message, one receive and one acknowledgement per
-round trip, not per put; a lone put, or a request, is never delayed.  ``send(..., on_done)`` calls ``on_done(None)`` once
-the peer has handled the message, or ``on_done(error)`` if the peer is lost or
-the transport closes first.
+round trip, not per put; a lone put, or a request, is never delayed.
 
 Authentication: each connection is checked once, when it is made (and
 again on every reconnect), by a ZAP handler run by the I/O thread; the
