@@ -133,34 +133,32 @@ def tensor_from_buffer(meta: bytes | memoryview, data: Any) -> torch.Tensor:
     private copy otherwise; it is always writable.
     """
     dtype, shape, requires_grad = decode_tensor_meta(meta)
-    flat = _as_uint8(data)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     numel = 1
     for s in shape:
         numel *= s
-    if flat.numel() != numel * itemsize:
-        raise ValueError(
-            f"tensor data has {flat.numel()} bytes, header says {numel * itemsize}"
-        )
+    if isinstance(data, torch.Tensor):
+        nbytes = data.numel()
+    else:
+        data = memoryview(getattr(data, "buffer", data))
+        nbytes = data.nbytes
+    if nbytes != numel * itemsize:
+        raise ValueError(f"tensor data has {nbytes} bytes, header says {numel * itemsize}")
     if numel == 0:
         out = torch.empty(shape, dtype=dtype)
+    elif isinstance(data, torch.Tensor):
+        out = data.view(dtype).reshape(shape)
     else:
-        out = flat.view(dtype).reshape(shape)
+        if data.readonly:
+            data = bytearray(data)
+        elif data.format != "B" or data.ndim != 1:
+            data = data.cast("B")
+        out = torch.frombuffer(data, dtype=dtype)
+        if len(shape) != 1:
+            out = out.reshape(shape)
     if requires_grad:
         out.requires_grad_(True)
     return out
-
-
-def _as_uint8(data: Any) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        return data
-    view = memoryview(getattr(data, "buffer", data))
-    if view.nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    if view.readonly:
-        return torch.frombuffer(bytearray(view), dtype=torch.uint8)
-    return torch.frombuffer(view.cast("B") if view.format != "B" or view.ndim != 1 else view,
-                            dtype=torch.uint8)
 
 
 # ----------------------------------------------------------------------------- objects
