@@ -21,13 +21,14 @@ reconnects (sequence numbers, acknowledgements and resends: see
 the peer has handled the message, or ``on_done(error)`` if the peer is lost or
 the transport closes first.
 
-Coalescing (Nagle's rule, for puts): a send with ``on_done`` (a put, which its
-receiver acknowledges at once) goes out at once unless an earlier one to the
-same peer still waits for its acknowledgement; then it waits, and everything
-that waited goes out as one BATCH message when that acknowledgement arrives
-(or at once, ahead of any later send without ``on_done``).  A stream of small
-puts thus costs one zmq message, one receive and one acknowledgement per
-round trip, not per put; a lone put, or a request, is never delayed.
+Coalescing (Nagle's rule, for small puts): a send with ``on_done`` (a put,
+which its receiver acknowledges at once) whose frames are all inline goes out
+at once unless an earlier one to the same peer still waits for its
+acknowledgement; then it waits, and everything that waited goes out as one
+BATCH message when that acknowledgement arrives (or at once, ahead of any
+later send that may not wait).  A stream of small puts thus costs one zmq
+message, one receive and one acknowledgement per round trip, not per put; a
+lone put, a large one, or a request is never delayed.
 
 Authentication: each connection is checked once, when it is made (and
 again on every reconnect), by a ZAP handler run by the I/O thread; the
@@ -85,7 +86,7 @@ _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _DRAIN_BATCH = 256
 RESYNC_AFTER = 1.0  # seconds without an acknowledgement before a SYNC
 _LOST_NOTICE_EVERY = 1.0  # seconds between LOST answers to one lost peer
-_HOLD_MAX_BYTES = 1 << 20  # held (coalesced) message bodies beyond this go out at once
+_HOLD_MAX_BYTES = 1 << 18  # held (coalesced) message bodies beyond this go out at once
 _counter = itertools.count()
 
 
@@ -329,16 +330,25 @@ class Transport:
         peer = self._peers.get(rank) or self._connect(rank)
         if peer is None or peer.error is not None:
             return False
-        body, large = encode_body(frames, self._exporter(rank))
+        export = self._exporter(rank)
+        small = True  # every frame is inline (only small puts are held back)
+
+        def export_large(frame: Any, nbytes: int) -> bytes | None:
+            nonlocal small
+            small = False
+            return None if export is None else export(frame, nbytes)
+
+        body, large = encode_body(frames, export_large)
         with peer.lock:
             if self._closed or peer.error is not None:
                 return False
             seq = peer.outbox.add(body, large, on_done)
-            if peer.held or (on_done is not None and peer.put_seq > peer.outbox.acked):
+            hold = on_done is not None and small
+            if peer.held or (hold and peer.put_seq > peer.outbox.acked):
                 peer.held.append((seq, body, large))
                 peer.held_bytes += len(body)
-                if on_done is None or peer.held_bytes > _HOLD_MAX_BYTES:
-                    self._flush(peer)  # nothing waits behind a put (order is kept)
+                if not hold or peer.held_bytes > _HOLD_MAX_BYTES:
+                    self._flush(peer)  # nothing else waits behind a put (order is kept)
             else:
                 if on_done is not None:
                     peer.put_seq = seq
