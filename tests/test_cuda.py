@@ -224,6 +224,51 @@ def test_cuda_puts_to_local_and_bounded_queues(cluster):
     assert out[1] == ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], None)
 
 
+async def _cuda_aputs(q_unbounded, q_bounded, dev):
+    t = torch.zeros(1 << 16, device=dev)
+    _busy_gpu(0.2)
+    t.fill_(7.0)  # stream-ordered after the busy kernel
+    await q_unbounded.aput_tensor(t)
+    await q_unbounded.aput_object("after the cuda tensor")
+    b = torch.full((3,), 2.0, device=dev)
+    _busy_gpu(0.1)
+    await q_bounded.aput_tensor(b)
+    b.fill_(-1.0)  # after aput returned: the stored copy keeps 2.0
+    await q_bounded.aput_tensor(torch.full((2,), 3.0))  # a CPU put behind it, in order
+
+
+@ends_together
+def _rank_cuda_asyncio(ctx):
+    import asyncio
+
+    unbounded = Queue(ctx.group, location=1, name="cuda-aio")
+    bounded = Queue(ctx.group, location=1, maxsize=4, name="cuda-aio-bounded")
+    if ctx.rank == 0:
+        asyncio.run(_cuda_aputs(unbounded, bounded, torch.device("cuda")))
+        torch.cuda.synchronize()
+        ctx.barrier("put")
+        return None
+    ctx.barrier("put")
+
+    async def take():
+        first = await unbounded.aget_tensor(timeout=TIMEOUT, device="cuda")
+        return [
+            (first.device.type, float(first.sum())),
+            await unbounded.aget_object(timeout=TIMEOUT),
+            (await bounded.aget_tensor(timeout=TIMEOUT)).tolist(),
+            (await bounded.aget_tensor(timeout=TIMEOUT)).tolist(),
+        ]
+
+    return asyncio.run(take())
+
+
+@needs_cuda
+def test_cuda_aput_is_stream_ordered_on_unbounded_and_bounded_queues(cluster):
+    got = cluster.run(_rank_cuda_asyncio, 2)[1]
+    assert got == [("cuda", 7.0 * (1 << 16)), "after the cuda tensor",
+                   [2.0, 2.0, 2.0], [3.0, 3.0]]
+
+
 def _rank_shutdown_sends_staged_puts(ctx):
     q = Queue(ctx.group, location=1)
     if ctx.rank == 1:
