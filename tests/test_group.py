@@ -435,11 +435,13 @@ def _encrypted_traffic(ctx):
     if ctx.rank == 0:
         q.put_tensor(big).wait()
         q.put_object({"small": 1}).wait()
+        ctx.barrier("taken")  # (a remote get before rank 1 took both would race with it)
         return g.encrypted, g.node.transport._router.mechanism, q.get_object(timeout=TIMEOUT)
     got = q.get_tensor(timeout=TIMEOUT)
     assert torch.equal(got, big)
     assert q.get_object(timeout=TIMEOUT) == {"small": 1}
     q.put_object("remote get works")
+    ctx.barrier("taken")
     return g.encrypted, g.node.transport._router.mechanism, None
 
 
