@@ -87,6 +87,10 @@ _DRAIN_BATCH = 256
 RESYNC_AFTER = 1.0  # seconds without an acknowledgement before a SYNC
 _LOST_NOTICE_EVERY = 1.0  # seconds between LOST answers to one lost peer
 _HOLD_MAX_BYTES = 1 << 18  # held (coalesced) message bodies beyond this go out at once
+# At close, a peer that has handled everything sent to it waits for no more than
+# the BYE: on a live connection it leaves at once; a peer closing too (its ROUTER
+# gone) would otherwise keep a whole ``linger`` waiting for it.
+_BYE_LINGER = 0.2
 _counter = itertools.count()
 
 
@@ -285,7 +289,9 @@ class Transport:
     def close(self, error: BaseException | None = None, linger: float = 2.0) -> None:
         """Stop the I/O thread, say BYE to every peer, fail what is still
         unacknowledged with ``error``, then close every socket, giving messages
-        already queued up to ``linger`` seconds to leave.  Idempotent; bounded."""
+        already queued up to ``linger`` seconds to leave (a peer with nothing
+        unacknowledged: only the BYE, up to _BYE_LINGER; a lost peer: none).
+        Idempotent; bounded."""
         if self._closing:
             return
         self._closing = True
@@ -302,9 +308,11 @@ class Transport:
                     self._flush(peer)
                     peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
                                                   peer.inbox.handled))
+                wait = 0.0 if peer.lost else linger if peer.outbox.unacked else _BYE_LINGER
+                peer.socket.linger = int(min(wait, linger) * 1000)
                 callbacks = peer.outbox.drain()
             _call_all(callbacks, error)
-        self._ctx.destroy(linger=int(linger * 1000))
+        self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
         if self.shm is not None:
             self.shm.close(grace=linger)
 
