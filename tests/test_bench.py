@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moodist.bench import main
 from moodist.bench.cli import options_from_args
@@ -58,7 +59,9 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert report["mode"] == "local"
 
     results = report["results"]
-    assert {r["pattern"] for r in results} == set(PATTERNS)
+    gpu = torch.cuda.is_available()
+    assert {r["pattern"] for r in results} == {
+        name for name, p in PATTERNS.items() if gpu or not p.needs_cuda}
     assert {r["impl"] for r in results} == {"moodist", *ALL_BASELINES}
     for r in results:
         assert r["runs"], r
@@ -124,6 +127,18 @@ def test_option_parsing() -> None:
     assert opts.baselines == ["zmq", "moodist-noshm"] and opts.window == 4
     noshm = [c for c in plan(opts, world=2, local=True) if c.impl == "moodist-noshm"]
     assert {c.pattern for c in noshm} == {"stream"} and len(noshm) == len(opts.sizes)
+
+
+def test_cuda_stream_is_planned_only_where_rank_0_sees_a_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    opts, _ = options_from_args(["--sizes", "4K,1M"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert all(c.pattern != "cuda-stream" for c in plan(opts, world=2, local=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = [(c.impl, c.size) for c in plan(opts, world=2, local=True)
+            if c.pattern == "cuda-stream"]
+    assert cuda == [("moodist", 4096), ("memcpy", 4096), ("moodist", 1 << 20),
+                    ("memcpy", 1 << 20)]
 
 
 def test_targets_are_ratios_of_the_table_medians() -> None:

@@ -21,7 +21,7 @@ Every case is ``fn(ctx, size, count) -> Measurement | None``, run on every rank 
   faster.  The receiver checks each message's size.  Objects are pickled dicts, one per
   message; remote get is a request/reply.
 - ``memcpy``: ``dst.copy_(src)`` in one process (stream sizes only): the ceiling for
-  bandwidth on one host.
+  bandwidth on one host; for ``cuda-stream``, GPU -> pinned host -> GPU copies.
 
 ``moodist-noshm`` (moodist with ``MOODIST_SHM=0``) is moodist's own code, in
 :mod:`moodist.bench.patterns`.
@@ -354,4 +354,20 @@ def memcpy_stream(ctx: Ctx, size: int, count: int) -> Measurement | None:
     t0 = now()
     for _ in range(count):
         dst.copy_(src)
+    return transfer(count, count * size, now() - t0)
+
+
+def memcpy_cuda_stream(ctx: Ctx, size: int, count: int) -> Measurement | None:
+    """GPU -> pinned host -> GPU in one process, on one stream."""
+    if ctx.rank != 0:
+        return None
+    src = ctx.cuda_payload(size)
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src)
+    torch.cuda.synchronize()
+    t0 = now()
+    for _ in range(count):
+        host.copy_(src, non_blocking=True)
+        dst.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
     return transfer(count, count * size, now() - t0)

@@ -97,6 +97,12 @@ class Ctx:
             self._payloads[size] = torch.randint(0, 256, (size,), dtype=torch.uint8)
         return self._payloads[size]
 
+    def cuda_payload(self, size: int) -> torch.Tensor:
+        """The payload of ``size`` bytes on this rank's current CUDA device."""
+        if -size not in self._payloads:
+            self._payloads[-size] = self.payload(size).cuda()
+        return self._payloads[-size]
+
     def buffer(self, size: int) -> torch.Tensor:
         if size not in self._buffers:
             self._buffers[size] = torch.ones(size, dtype=torch.uint8)

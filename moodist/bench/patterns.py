@@ -22,6 +22,11 @@ What is measured (every pattern between real processes, after a warmup run,
   per receiver, from the slowest receiver's clock.
 - ``remote-get``: rank 1 pre-fills a queue it hosts with 4 KiB tensors; rank
   0 takes them with ``get_tensor``: gets/s.
+- ``cuda-stream`` (only where rank 0 sees a GPU): ``stream`` with CUDA tensors,
+  landed on rank 1's GPU with ``get_tensor(device="cuda")``; the clock stops once
+  the last one is on the device.  Its ``memcpy`` baseline is one process copying
+  each tensor from the GPU to pinned host memory and back: the ceiling of a path
+  through host memory.
 """
 
 from __future__ import annotations
@@ -154,6 +159,28 @@ def moodist_remote_get(ctx: Ctx, size: int, count: int) -> Measurement | None:
     return None
 
 
+def moodist_cuda_stream(ctx: Ctx, size: int, count: int) -> Measurement | None:
+    import torch
+
+    q = ctx.queue("cuda-stream", 1)
+    if ctx.rank == 0:
+        src = ctx.cuda_payload(size)
+        send_windowed(lambda: q.put_tensor(src), count, ctx.window)
+        torch.cuda.synchronize()
+    elif ctx.rank == 1:
+        left = [count]
+
+        def recv_one() -> int:
+            t = q.get_tensor(timeout=OP_TIMEOUT, device="cuda")
+            left[0] -= 1
+            if not left[0]:
+                torch.cuda.synchronize()  # the last copy to the GPU is done
+            return t.numel()
+
+        return receive(count, size, recv_one)
+    return None
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -167,10 +194,16 @@ class Pattern:
     rate_unit: str = "msg/s"
     budget_s: float = 1.0  # most seconds one timed run should take (times --iters)
     min_count: int = 100  # ... but never fewer iterations than this
+    needs_cuda: bool = False  # measured only where rank 0 sees a GPU
 
     @property
     def is_latency(self) -> bool:
         return self.name == "pingpong"
+
+    @property
+    def is_stream(self) -> bool:
+        """A row per size, in GB/s from 64 KiB on (and a line in the plot)."""
+        return self.name in ("stream", "cuda-stream")
 
 
 def _stream_count(size: int) -> int:
@@ -205,4 +238,9 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
              "mpqueue": b.mpqueue_remote_get, "tcp": b.tcp_remote_get,
              "zmq": b.zmq_remote_get},
             count=lambda size: 1000, rate_unit="get/s"),
+    Pattern("cuda-stream", "CUDA tensors rank 0 -> 1, landed with device='cuda', --window "
+                           "puts in flight (GB/s, msg/s; needs a GPU)",
+            {"moodist": moodist_cuda_stream, "memcpy": b.memcpy_cuda_stream},
+            count=_stream_count, sizes=lambda opts: list(opts.sizes), min_count=12,
+            needs_cuda=True),
 ]}

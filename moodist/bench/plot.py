@@ -37,15 +37,17 @@ def write_plot(report: dict[str, Any], path: str) -> None:
 
 
 def _plot_stream(ax: Any, results: list[dict[str, Any]]) -> None:
-    for impl in IMPLS:
-        pts = sorted((r["size"], r["stats"]["gb_per_s"]["median"]) for r in results
-                     if r["pattern"] == "stream" and r["impl"] == impl)
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", label=impl, color=_COLORS[impl],
-                    linestyle=_LINESTYLES.get(impl, "-"))
+    for pattern, marker in (("stream", "o"), ("cuda-stream", "s")):
+        for impl in IMPLS:
+            pts = sorted((r["size"], r["stats"]["gb_per_s"]["median"]) for r in results
+                         if r["pattern"] == pattern and r["impl"] == impl)
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                label = impl if pattern == "stream" else f"{impl} (cuda)"
+                ax.plot(xs, ys, marker=marker, label=label, color=_COLORS[impl],
+                        linestyle=_LINESTYLES.get(impl, "-"))
     ax.set_xscale("log", base=2)
-    sizes = sorted({r["size"] for r in results if r["pattern"] == "stream"})
+    sizes = sorted({r["size"] for r in results if PATTERNS[r["pattern"]].is_stream})
     ax.set_xticks(sizes, [fmt_size(n) for n in sizes])
     ax.minorticks_off()
     ax.set_yscale("log")
@@ -72,7 +74,7 @@ def _plot_latency(ax: Any, results: list[dict[str, Any]]) -> None:
 
 
 def _plot_rates(ax: Any, results: list[dict[str, Any]]) -> None:
-    groups = [p for p in PATTERNS if p not in ("pingpong", "stream")]
+    groups = [p for p in PATTERNS if not (PATTERNS[p].is_latency or PATTERNS[p].is_stream)]
     groups = [g for g in groups if any(r["pattern"] == g for r in results)]
     impls = [i for i in IMPLS if any(r["impl"] == i and r["pattern"] in groups for r in results)]
     width = 0.8 / max(len(impls), 1)
@@ -89,4 +91,5 @@ def _plot_rates(ax: Any, results: list[dict[str, Any]]) -> None:
     ax.set_ylabel("messages/s (median)")
     ax.set_title("message rates (4 KiB tensors; objects: small dict)")
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend()
+    if impls:
+        ax.legend()

@@ -44,8 +44,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[Row]:
 def _row_metrics(pattern: Pattern, size: int) -> list[tuple[str, str, str]]:
     if pattern.is_latency:
         return [("p50_us", "us", "pingpong p50"), ("p99_us", "us", "pingpong p99")]
-    if pattern.name == "stream":
-        name = f"stream {fmt_size(size)}"
+    if pattern.is_stream:
+        name = f"{pattern.name} {fmt_size(size)}"
         if size < 65536:
             return [("msgs_per_s", "msg/s", name)]
         return [("gb_per_s", "GB/s", name)]

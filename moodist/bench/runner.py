@@ -33,17 +33,20 @@ class Case:
 
     @property
     def label(self) -> str:
-        if self.pattern != "stream":
+        if not PATTERNS[self.pattern].is_stream:
             return f"{self.pattern} {self.impl}"
         return f"{self.pattern} {fmt_size(self.size)} {self.impl}"
 
 
 def plan(opts: Options, world: int, local: bool) -> list[Case]:
-    """Every case this run measures, in order; the same list on every rank."""
+    """Every case this run measures, in order; the same list on every rank (it is
+    made on rank 0: patterns that need CUDA are planned where rank 0 sees a GPU)."""
     baselines = [b for b in opts.baselines if b != "mpqueue" or local]
     cases = []
     for name in opts.patterns:
         pattern = PATTERNS[name]
+        if pattern.needs_cuda and not torch.cuda.is_available():
+            continue
         for size in pattern.sizes(opts):
             count = max(2, round(pattern.count(size) * opts.iters))
             for impl in ("moodist", *baselines):
