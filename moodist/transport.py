@@ -87,9 +87,9 @@ _DRAIN_BATCH = 256
 RESYNC_AFTER = 1.0  # seconds without an acknowledgement before a SYNC
 _LOST_NOTICE_EVERY = 1.0  # seconds between LOST answers to one lost peer
 _HOLD_MAX_BYTES = 1 << 18  # held (coalesced) message bodies beyond this go out at once
-# At close, a peer that has handled everything sent to it waits for no more than
-# the BYE: on a live connection it leaves at once; a peer closing too (its ROUTER
-# gone) would otherwise keep a whole ``linger`` waiting for it.
+# At close, once the peers have acknowledged everything (or the linger is over),
+# the BYEs get this long to leave: on a live connection they leave at once, and a
+# peer that closed too (its ROUTER gone) would keep zmq's linger waiting in vain.
 _BYE_LINGER = 0.2
 _counter = itertools.count()
 
@@ -287,11 +287,11 @@ class Transport:
         self._thread.start()
 
     def close(self, error: BaseException | None = None, linger: float = 2.0) -> None:
-        """Stop the I/O thread, say BYE to every peer, fail what is still
-        unacknowledged with ``error``, then close every socket, giving messages
-        already queued up to ``linger`` seconds to leave (a peer with nothing
-        unacknowledged: only the BYE, up to _BYE_LINGER; a lost peer: none).
-        Idempotent; bounded."""
+        """Stop the I/O thread, say BYE to every peer and wait up to ``linger``
+        seconds for the peers to acknowledge what they have not yet (their
+        ACK, or their own BYE, which carries one); fail what is still
+        unacknowledged then with ``error`` and close every socket, giving the
+        BYEs up to _BYE_LINGER to leave.  Idempotent; bounded."""
         if self._closing:
             return
         self._closing = True
@@ -301,20 +301,59 @@ class Transport:
         with self._peers_lock:
             peers = list(self._peers.values())
             self._closed = True
-        error = error or ConnectionError("the transport was closed")
         for peer in peers:
             with peer.lock:  # no send is half done after this
                 if not peer.lost:
                     self._flush(peer)
                     peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
                                                   peer.inbox.handled))
-                wait = 0.0 if peer.lost else linger if peer.outbox.unacked else _BYE_LINGER
-                peer.socket.linger = int(min(wait, linger) * 1000)
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+            self._await_acknowledgements(peers, time.monotonic() + linger)
+        error = error or ConnectionError("the transport was closed")
+        for peer in peers:
+            with peer.lock:
+                peer.socket.linger = 0 if peer.lost else int(min(_BYE_LINGER, linger) * 1000)
                 callbacks = peer.outbox.drain()
             _call_all(callbacks, error)
         self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
         if self.shm is not None:
             self.shm.close(grace=linger)
+
+    def _await_acknowledgements(self, peers: list[_Peer], deadline: float) -> None:
+        """(Closing; the I/O thread has stopped, so the ROUTER is ours.)  Read
+        what arrives, heads only, until every peer has acknowledged all we sent
+        it, has left or declared us lost, or ``deadline``.  Messages are not
+        handled: this rank is leaving."""
+        waiting = {p.rank: p for p in peers if not p.lost and p.outbox.unacked}
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._zap, zmq.POLLIN)  # a peer's answer may need a new connection
+        while waiting:
+            timeout_ms = int((deadline - time.monotonic()) * 1000)
+            events = dict(poller.poll(timeout_ms)) if timeout_ms > 0 else {}
+            if not events:
+                return
+            if self._zap in events:
+                self._drain(self._zap, self._answer_zap)
+            for _ in range(_DRAIN_BATCH):
+                try:
+                    zframes = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                rank = self._sender(zframes[0])
+                peer = waiting.get(rank) if rank is not None else None
+                if peer is None:
+                    continue
+                try:
+                    control, _seq, ack = framing.decode_head(zframes[1])
+                except (IndexError, ValueError):
+                    continue
+                if ack:
+                    with peer.lock:
+                        callbacks = peer.outbox.ack(ack)
+                    _call_all(callbacks, None)
+                if control in (framing.BYE, framing.LOST) or not peer.outbox.unacked:
+                    del waiting[rank]
 
     @property
     def closed(self) -> bool:
@@ -561,16 +600,24 @@ class Transport:
             if peer.inbox.ack_due() and not peer.lost:
                 self._send_control(peer, framing.ACK)
 
-    def _dispatch(self, zframes: list[zmq.Frame]) -> None:
-        routing_id, zframes = zframes[0], zframes[1:]
+    def _sender(self, routing_id: zmq.Frame) -> int | None:
+        """The rank a message came from: its routing id, which must be the
+        rank its connection authenticated as (else None, logged)."""
         try:
             (rank,) = _RANK_ID.unpack(routing_id.bytes)
             user = routing_id.get("User-Id")
         except (struct.error, zmq.ZMQError):
             log.warning("moodist: dropped a message with a malformed routing id")
-            return
+            return None
         if user != str(rank) or not 0 <= rank < self.size or rank == self.rank:
             log.warning("moodist: dropped a message whose routing id does not match its user")
+            return None
+        return rank
+
+    def _dispatch(self, zframes: list[zmq.Frame]) -> None:
+        routing_id, zframes = zframes[0], zframes[1:]
+        rank = self._sender(routing_id)
+        if rank is None:
             return
         try:
             control, seq, ack = framing.decode_head(zframes[0]) if zframes else (-1, 0, 0)
@@ -599,6 +646,10 @@ class Transport:
             self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
             return
         elif control == framing.BYE:
+            if ack:  # (acknowledged before the peer's outbox is failed below)
+                self._acknowledged(peer, ack)
+            if peer.inbox.ack_due():  # the leaver waits for this, at most its linger
+                self._send_control(peer, framing.ACK)
             self._lose(peer, PeerLeftError(rank))
             return
         if ack:

@@ -314,6 +314,8 @@ async def _cancel_remote_body(ctx) -> list:
         ctx.barrier("put-after")
         ctx.barrier("end")
         left.append(q.qsize())
+        # The getter's CONFIRM of "after" is on its way (a get returns before it lands).
+        poll_until(lambda: _host_stats(q)["leases"] == 0, T, "the last lease confirmed")
         left.append(_host_stats(q)["leases"])
         return left
     out = []

@@ -390,6 +390,8 @@ def _answered_timers(ctx):
         else:
             at1.put_object(at0.get_object(timeout=600))
     ctx.barrier("done")
+    # The other rank's CONFIRM of its last get may still be on its way.
+    poll_until(lambda: g.node.host.statistics()["leases"] == 0, TIMEOUT, "the last CONFIRM")
     return len(g.node.transport._timers._heap), g.node.host.statistics()
 
 

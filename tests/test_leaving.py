@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -132,6 +133,89 @@ def test_a_shutdown_waits_no_linger_for_a_peer_already_gone():
     start = time.monotonic()
     a.close()
     assert time.monotonic() - start < 1.0
+
+
+def _transport_pair(on_message_a=lambda r, f: False):
+    """Two started transports, ranks 0 and 1, in this process; ``a`` handles
+    messages with ``on_message_a`` (False: it does not acknowledge them promptly,
+    as for a reply)."""
+    from moodist.transport import Transport
+
+    a = Transport(0, 2, b"k" * 32, "127.0.0.1", on_message_a, lambda r, e: None,
+                  peer_timeout=30.0)
+    b = Transport(1, 2, b"k" * 32, "127.0.0.1", lambda r, f: True, lambda r, e: None,
+                  peer_timeout=30.0)
+    addresses, offers = [a.address, b.address], [a.auth.offer(), b.auth.offer()]
+    a.start(addresses, offers)
+    b.start(addresses, offers)
+    return a, b
+
+
+def test_a_leaver_waits_only_until_its_peers_acknowledge():
+    """A rank that leaves with a reply its peer handled but had no reason to
+    acknowledge yet: its BYE makes the peer acknowledge, so the leaver goes at
+    once instead of lingering (it took the whole 2 s), and the reply counts as
+    delivered."""
+    handled = []
+
+    def on_message(rank, frames):
+        handled.append(bytes(frames[0]))
+        return frames[0] == b"warm"  # acknowledged at once; a reply is not
+
+    a, b = _transport_pair(on_message)
+    try:
+        done = []
+        assert b.send(0, [b"warm"], done.append)  # connected (a first SYNC is answered)
+        poll_until(lambda: done == [None], TIMEOUT, "the warm-up to be acknowledged")
+        assert b.send(0, [b"reply"])
+        poll_until(lambda: handled == [b"warm", b"reply"], TIMEOUT, "the reply to be handled")
+        assert b._peers[0].outbox.unacked  # handled, not acknowledged yet
+        start = time.monotonic()
+        b.close()
+        assert time.monotonic() - start < 1.0
+        assert b._peers[0].outbox.acked == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_two_ranks_leaving_at_once_do_not_wait_for_each_other():
+    """Both close at the same time, each with a message the other handled and
+    did not acknowledge: each one's BYE carries the acknowledgement the other
+    waits for."""
+    def close(t, name, took):
+        start = time.monotonic()
+        t.close()
+        took[name] = time.monotonic() - start
+
+    rounds = 0
+    for _ in range(50):
+        if rounds == 5:
+            break
+        a, b = _transport_pair(lambda r, f: True)
+        for src, dst in ((a, b), (b, a)):  # connected both ways, then one unacknowledged each
+            done = []
+            assert src.send(dst.rank, [b"warm"], done.append)
+            poll_until(lambda done=done: done == [None], TIMEOUT, "the warm-up")
+        a._on_message = b._on_message = lambda r, f: False
+        assert a.send(1, [b"x"]) and b.send(0, [b"y"])
+        poll_until(lambda a=a, b=b: a._peers[1].inbox.handled == 2
+                   and b._peers[0].inbox.handled == 2, TIMEOUT, "both handled")
+        if not (a._peers[1].outbox.unacked and b._peers[0].outbox.unacked):
+            a.close()  # one was sent after the other had arrived, carrying its
+            b.close()  # acknowledgement: not the case this tests
+            continue
+        rounds += 1
+        took = {}
+
+        threads = [threading.Thread(target=close, args=(t, n, took))
+                   for t, n in ((a, "a"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert max(took.values()) < 1.0, took
+    assert rounds == 5
 
 
 # ============================================================================ multicast
