@@ -55,6 +55,8 @@ is down for longer than ``peer_timeout / 2`` seconds is declared lost and
 agree: the rank that declares a peer lost tells it so (LOST), drops whatever
 it sends afterwards and answers LOST again.  A rank that shuts down says BYE:
 its peers call ``on_peer_lost`` at once with a PeerLeftError, and log nothing.
+A BYE carries the leaver's acknowledgement and is answered by one, so the
+leaver waits for its peers' acknowledgements, not for a fixed linger.
 """
 
 from __future__ import annotations
