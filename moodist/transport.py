@@ -309,12 +309,15 @@ class Transport:
                     self._flush(peer)
                     peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
                                                   peer.inbox.handled))
-        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+        awaited = not self._thread.is_alive() or threading.current_thread() is self._thread
+        if awaited:
             self._await_acknowledgements(peers, time.monotonic() + linger)
         error = error or ConnectionError("the transport was closed")
         for peer in peers:
             with peer.lock:
-                peer.socket.linger = 0 if peer.lost else int(min(_BYE_LINGER, linger) * 1000)
+                # (An I/O thread that did not stop owns the ROUTER: then linger as zmq does.)
+                wait = linger if peer.outbox.unacked and not awaited else _BYE_LINGER
+                peer.socket.linger = 0 if peer.lost else int(min(wait, linger) * 1000)
                 callbacks = peer.outbox.drain()
             _call_all(callbacks, error)
         self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
