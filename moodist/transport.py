@@ -255,6 +255,7 @@ class Transport:
         self._wake_tx = self._ctx.socket(zmq.PUSH)
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._addresses: list[str] = []
         self._peers: dict[int, _Peer] = {}
         self._peers_lock = threading.Lock()
@@ -292,11 +293,13 @@ class Transport:
         """Stop the I/O thread, say BYE to every peer and wait up to ``linger``
         seconds for the peers to acknowledge what they have not yet (their
         ACK, or their own BYE, which carries one); fail what is still
-        unacknowledged then with ``error`` and close every socket, giving the
-        BYEs up to _BYE_LINGER to leave.  Idempotent; bounded."""
-        if self._closing:
-            return
-        self._closing = True
+        unacknowledged then with ``error`` and close every socket.  A BYE gets
+        _BYE_LINGER to leave on a connection that is up, ``linger`` on one
+        that is not (yet).  Idempotent, thread safe; bounded."""
+        with self._close_lock:
+            if self._closing:
+                return
+            self._closing = True
         self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
@@ -309,27 +312,37 @@ class Transport:
                     self._flush(peer)
                     peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
                                                   peer.inbox.handled))
-        awaited = not self._thread.is_alive() or threading.current_thread() is self._thread
-        if awaited:
-            self._await_acknowledgements(peers, time.monotonic() + linger)
-        error = error or ConnectionError("the transport was closed")
-        for peer in peers:
-            with peer.lock:
-                # (An I/O thread that did not stop owns the ROUTER: then linger as zmq does.)
-                wait = linger if peer.outbox.unacked and not awaited else _BYE_LINGER
-                peer.socket.linger = 0 if peer.lost else int(min(wait, linger) * 1000)
-                callbacks = peer.outbox.drain()
-            _call_all(callbacks, error)
-        self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
-        if self.shm is not None:
-            self.shm.close(grace=linger)
+        # The ROUTER is ours once the I/O thread has stopped (on it, a batch of
+        # received messages may be half handled: then zmq's linger only).
+        awaited = not self._thread.is_alive()
+        left: set[int] = set()
+        try:
+            if awaited:
+                left = self._await_acknowledgements(peers, time.monotonic() + linger)
+        finally:
+            error = error or ConnectionError("the transport was closed")
+            for peer in peers:
+                with peer.lock:
+                    if peer.lost or peer.rank in left:
+                        wait = 0.0
+                    elif peer.connected and (awaited or not peer.outbox.unacked):
+                        wait = _BYE_LINGER
+                    else:
+                        wait = linger
+                    peer.socket.linger = int(min(wait, linger) * 1000)
+                    callbacks = peer.outbox.drain()
+                _call_all(callbacks, error)
+            self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
+            if self.shm is not None:
+                self.shm.close(grace=linger)
 
-    def _await_acknowledgements(self, peers: list[_Peer], deadline: float) -> None:
+    def _await_acknowledgements(self, peers: list[_Peer], deadline: float) -> set[int]:
         """(Closing; the I/O thread has stopped, so the ROUTER is ours.)  Read
         what arrives, heads only, until every peer has acknowledged all we sent
         it, has left or declared us lost, or ``deadline``.  Messages are not
-        handled: this rank is leaving."""
+        handled: this rank is leaving.  Returns the ranks seen leaving."""
         waiting = {p.rank: p for p in peers if not p.lost and p.outbox.unacked}
+        left: set[int] = set()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._zap, zmq.POLLIN)  # a peer's answer may need a new connection
@@ -337,7 +350,7 @@ class Transport:
             timeout_ms = int((deadline - time.monotonic()) * 1000)
             events = dict(poller.poll(timeout_ms)) if timeout_ms > 0 else {}
             if not events:
-                return
+                break
             if self._zap in events:
                 self._drain(self._zap, self._answer_zap)
             for _ in range(_DRAIN_BATCH):
@@ -346,19 +359,22 @@ class Transport:
                 except zmq.Again:
                     break
                 rank = self._sender(zframes[0])
-                peer = waiting.get(rank) if rank is not None else None
-                if peer is None:
+                peer = self._peers.get(rank) if rank is not None else None
+                if peer is None or len(zframes) < 2:
                     continue
                 try:
                     control, _seq, ack = framing.decode_head(zframes[1])
-                except (IndexError, ValueError):
+                except ValueError:
                     continue
                 if ack:
                     with peer.lock:
                         callbacks = peer.outbox.ack(ack)
                     _call_all(callbacks, None)
-                if control in (framing.BYE, framing.LOST) or not peer.outbox.unacked:
-                    del waiting[rank]
+                if control in (framing.BYE, framing.LOST):
+                    left.add(peer.rank)
+                if peer.rank in left or not peer.outbox.unacked:
+                    waiting.pop(peer.rank, None)
+        return left
 
     @property
     def closed(self) -> bool:
@@ -651,8 +667,10 @@ class Transport:
             self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
             return
         elif control == framing.BYE:
-            if ack:  # (acknowledged before the peer's outbox is failed below)
-                self._acknowledged(peer, ack)
+            if ack:  # what it handled succeeded (before its outbox is failed below)
+                with peer.lock:
+                    callbacks = peer.outbox.ack(ack)  # (held puts are not sent: it leaves)
+                _call_all(callbacks, None)
             if peer.inbox.ack_due():  # the leaver waits for this, at most its linger
                 self._send_control(peer, framing.ACK)
             self._lose(peer, PeerLeftError(rank))

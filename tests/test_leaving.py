@@ -116,23 +116,38 @@ def test_a_rank_whose_interpreter_exits_says_goodbye():
 
 
 def test_a_shutdown_waits_no_linger_for_a_peer_already_gone():
-    """Two ranks that shut down at once: each one's BYE may find the other's
-    socket closed.  With nothing unacknowledged, only the BYE is waited for,
-    briefly (it was the whole 2 s linger: about one shutdown in ten)."""
-    from moodist.transport import Transport
+    """Two ranks that shut down at once: one's I/O thread stops before it sees
+    the other's BYE, and its own BYE finds the other's socket closed.  With
+    nothing unacknowledged, the BYE is given _BYE_LINGER, not the whole linger
+    (2 s: about one shutdown in ten took that long)."""
+    a, b = _transport_pair(lambda r, f: True)
+    try:
+        for src, dst in ((a, b), (b, a)):  # connected both ways, nothing unacknowledged
+            done = []
+            assert src.send(dst.rank, [b"warm"], done.append)
+            poll_until(lambda done=done: done == [None], TIMEOUT, "the warm-up")
+        took = []
 
-    def make(rank):
-        return Transport(rank, 2, b"k" * 32, "127.0.0.1", lambda r, f: None,
-                         lambda r, e: None, peer_timeout=30.0)
+        def close_a():
+            start = time.monotonic()
+            a.close()
+            took.append(time.monotonic() - start)
 
-    a, b = make(0), make(1)
-    b_address, b_offer = b.address, b.auth.offer()
-    b.close()  # nothing accepts a connection at b's address any more
-    a.start([a.address, b_address], [a.auth.offer(), b_offer])
-    a.ensure_connected(1)
-    start = time.monotonic()
-    a.close()
-    assert time.monotonic() - start < 1.0
+        parked, release = threading.Event(), threading.Event()
+        a._run_timers = lambda: (parked.set(), release.wait())  # a's I/O thread parks...
+        a._wake()
+        assert parked.wait(TIMEOUT)
+        b.close()  # ...so it does not see b's BYE, nor the connection drop
+        closer = threading.Thread(target=close_a)
+        closer.start()
+        poll_until(lambda: a._closing, TIMEOUT, "a to start closing")
+        release.set()  # (it sees a closing, and stops)
+        closer.join(10)
+        assert a._peers[1].error is None  # a never heard b leave
+        assert took and took[0] < 1.0, took
+    finally:
+        a.close()
+        b.close()
 
 
 def _transport_pair(on_message_a=lambda r, f: False):
@@ -151,11 +166,11 @@ def _transport_pair(on_message_a=lambda r, f: False):
     return a, b
 
 
-def test_a_leaver_waits_only_until_its_peers_acknowledge():
+def test_a_leaver_waits_only_until_its_peers_acknowledge(monkeypatch):
     """A rank that leaves with a reply its peer handled but had no reason to
-    acknowledge yet: its BYE makes the peer acknowledge, so the leaver goes at
-    once instead of lingering (it took the whole 2 s), and the reply counts as
-    delivered."""
+    acknowledge yet: its BYE makes the peer acknowledge, so the reply counts as
+    delivered (it was failed with the close's error), and the leaver goes at once."""
+    monkeypatch.setattr("moodist.transport.RESYNC_AFTER", 60.0)  # no SYNC acknowledges it
     handled = []
 
     def on_message(rank, frames):
@@ -179,10 +194,12 @@ def test_a_leaver_waits_only_until_its_peers_acknowledge():
         b.close()
 
 
-def test_two_ranks_leaving_at_once_do_not_wait_for_each_other():
+def test_two_ranks_leaving_at_once_do_not_wait_for_each_other(monkeypatch):
     """Both close at the same time, each with a message the other handled and
     did not acknowledge: each one's BYE carries the acknowledgement the other
     waits for."""
+    monkeypatch.setattr("moodist.transport.RESYNC_AFTER", 60.0)  # no SYNC acknowledges them
+
     def close(t, name, took):
         start = time.monotonic()
         t.close()
@@ -193,29 +210,55 @@ def test_two_ranks_leaving_at_once_do_not_wait_for_each_other():
         if rounds == 5:
             break
         a, b = _transport_pair(lambda r, f: True)
-        for src, dst in ((a, b), (b, a)):  # connected both ways, then one unacknowledged each
-            done = []
-            assert src.send(dst.rank, [b"warm"], done.append)
-            poll_until(lambda done=done: done == [None], TIMEOUT, "the warm-up")
-        a._on_message = b._on_message = lambda r, f: False
-        assert a.send(1, [b"x"]) and b.send(0, [b"y"])
-        poll_until(lambda a=a, b=b: a._peers[1].inbox.handled == 2
-                   and b._peers[0].inbox.handled == 2, TIMEOUT, "both handled")
-        if not (a._peers[1].outbox.unacked and b._peers[0].outbox.unacked):
-            a.close()  # one was sent after the other had arrived, carrying its
-            b.close()  # acknowledgement: not the case this tests
-            continue
-        rounds += 1
-        took = {}
+        try:
+            for src, dst in ((a, b), (b, a)):  # connected both ways
+                done = []
+                assert src.send(dst.rank, [b"warm"], done.append)
+                poll_until(lambda done=done: done == [None], TIMEOUT, "the warm-up")
+            a._on_message = b._on_message = lambda r, f: False  # then one unacknowledged each
+            assert a.send(1, [b"x"]) and b.send(0, [b"y"])
+            poll_until(lambda a=a, b=b: a._peers[1].inbox.handled == 2
+                       and b._peers[0].inbox.handled == 2, TIMEOUT, "both handled")
+            if not (a._peers[1].outbox.unacked and b._peers[0].outbox.unacked):
+                continue  # one was sent after the other arrived, carrying its acknowledgement
+            rounds += 1
+            took: dict[str, float] = {}
+            threads = [threading.Thread(target=close, args=(t, n, took))
+                       for t, n in ((a, "a"), (b, "b"))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert len(took) == 2 and max(took.values()) < 1.0, took
+        finally:
+            a.close()
+            b.close()
+    assert rounds == 5
 
-        threads = [threading.Thread(target=close, args=(t, n, took))
-                   for t, n in ((a, "a"), (b, "b"))]
+
+def test_close_from_two_threads_at_once_closes_once():
+    a, b = _transport_pair(lambda r, f: True)
+    try:
+        done = []
+        assert a.send(1, [b"x"], done.append)
+        poll_until(lambda: done == [None], TIMEOUT, "the acknowledgement")
+        errors = []
+
+        def close():
+            try:
+                a.close()
+            except BaseException as e:  # pragma: no cover - the failure reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=close) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(10)
-        assert max(took.values()) < 1.0, took
-    assert rounds == 5
+        assert errors == [] and a.closed and not any(t.is_alive() for t in threads)
+    finally:
+        a.close()
+        b.close()
 
 
 # ============================================================================ multicast
