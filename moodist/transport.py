@@ -56,7 +56,9 @@ agree: the rank that declares a peer lost tells it so (LOST), drops whatever
 it sends afterwards and answers LOST again.  A rank that shuts down says BYE:
 its peers call ``on_peer_lost`` at once with a PeerLeftError, and log nothing.
 A BYE carries the leaver's acknowledgement and is answered by one, so the
-leaver waits for its peers' acknowledgements, not for a fixed linger.
+leaver waits for its peers' acknowledgements, not for a fixed linger; its seq
+is the last one sent, so a peer that missed a message asks for it (NACK, which
+the leaver answers while it waits) before it declares the leaver gone.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class _Peer:
 
     __slots__ = ("rank", "socket", "lock", "monitor", "connected", "down_since", "error",
                  "outbox", "inbox", "tick_oldest", "lost_notice_at", "held", "held_bytes",
-                 "put_seq")
+                 "put_seq", "leaving_at")
 
     def __init__(self, rank: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.rank = rank
@@ -199,6 +201,7 @@ class _Peer:
         self.held: list[tuple[int, bytes, list[Any]]] = []
         self.held_bytes = 0
         self.put_seq = 0
+        self.leaving_at = 0  # its BYE's seq, while messages before it are missing
 
     @property
     def lost(self) -> bool:
@@ -340,7 +343,9 @@ class Transport:
         """(Closing; the I/O thread has stopped, so the ROUTER is ours.)  Read
         what arrives, heads only, until every peer has acknowledged all we sent
         it, has left or declared us lost, or ``deadline``.  Messages are not
-        handled: this rank is leaving.  Returns the ranks seen leaving."""
+        handled (this rank is leaving), but a NACK is answered: a peer that
+        missed a message asks for it before it lets us go.  Returns the ranks
+        seen leaving."""
         waiting = {p.rank: p for p in peers if not p.lost and p.outbox.unacked}
         left: set[int] = set()
         poller = zmq.Poller()
@@ -363,13 +368,15 @@ class Transport:
                 if peer is None or len(zframes) < 2:
                     continue
                 try:
-                    control, _seq, ack = framing.decode_head(zframes[1])
+                    control, seq, ack = framing.decode_head(zframes[1])
                 except ValueError:
                     continue
                 if ack:
                     with peer.lock:
                         callbacks = peer.outbox.ack(ack)
                     _call_all(callbacks, None)
+                if control == framing.NACK and peer.rank not in left:
+                    self._resend(peer, seq, closing=True)  # (the peer waits for it to leave)
                 if control in (framing.BYE, framing.LOST):
                     left.add(peer.rank)
                 if peer.rank in left or not peer.outbox.unacked:
@@ -667,16 +674,30 @@ class Transport:
             self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
             return
         elif control == framing.BYE:
-            if ack:  # what it handled succeeded (before its outbox is failed below)
-                with peer.lock:
-                    callbacks = peer.outbox.ack(ack)  # (held puts are not sent: it leaves)
-                _call_all(callbacks, None)
-            if peer.inbox.ack_due():  # the leaver waits for this, at most its linger
-                self._send_control(peer, framing.ACK)
-            self._lose(peer, PeerLeftError(rank))
+            self._peer_leaves(peer, seq, ack)
             return
         if ack:
             self._acknowledged(peer, ack)
+        if peer.leaving_at and peer.inbox.handled >= peer.leaving_at:
+            self._peer_leaves(peer, peer.leaving_at, 0)  # what it resent is in
+
+    def _peer_leaves(self, peer: _Peer, last_sent: int, ack: int) -> None:
+        """``peer`` said BYE, having sent up to ``last_sent``.  Once everything
+        up to it is handled (a NACK first asks for what is missing: it resends
+        while it waits for acknowledgements), acknowledge and declare it left."""
+        if ack:  # what it handled succeeded (before its outbox is failed below)
+            with peer.lock:
+                callbacks = peer.outbox.ack(ack)  # (held puts are not sent: it leaves)
+            _call_all(callbacks, None)
+        if peer.inbox.handled < last_sent:
+            if not peer.leaving_at:
+                peer.leaving_at = last_sent
+                peer.inbox.nacked = peer.inbox.expected
+                self._send_control(peer, framing.NACK, peer.inbox.expected)
+            return  # (if the resend never comes, liveness declares it lost)
+        if peer.inbox.ack_due():  # the leaver waits for this, at most its linger
+            self._send_control(peer, framing.ACK)
+        self._lose(peer, PeerLeftError(peer.rank))
 
     def _receive_data(self, peer: _Peer, control: int, seq: int,
                       zframes: list[zmq.Frame]) -> None:
@@ -730,14 +751,16 @@ class Transport:
             return
         with peer.lock:
             callbacks = peer.outbox.ack(ack)
-            if peer.held and peer.put_seq <= peer.outbox.acked and not self._closed:
+            if (peer.held and peer.put_seq <= peer.outbox.acked and not self._closed
+                    and not peer.leaving_at):
                 self._flush(peer)  # the puts in flight are acknowledged: send what waited
         _call_all(callbacks, None)
 
-    def _resend(self, peer: _Peer, seq: int) -> None:
-        """Send again every unacknowledged message from ``seq`` on."""
+    def _resend(self, peer: _Peer, seq: int, closing: bool = False) -> None:
+        """Send again every unacknowledged message from ``seq`` on (``closing``:
+        from close(), which waits for the peer's acknowledgements)."""
         with peer.lock:
-            if self._closed:
+            if self._closed and not closing:
                 return
             ack = peer.inbox.ack_sent = peer.inbox.handled
             peer.held, peer.held_bytes = [], 0  # (resent below, with the rest)

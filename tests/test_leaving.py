@@ -236,6 +236,37 @@ def test_two_ranks_leaving_at_once_do_not_wait_for_each_other(monkeypatch):
     assert rounds == 5
 
 
+def test_a_message_lost_just_before_a_bye_is_asked_for_and_handled(monkeypatch):
+    """A message the leaver sent but its peer never got (lost in a reconnect,
+    say): the BYE says how far the leaver sent, so the peer asks for the rest
+    (NACK) and declares the leaver left only once it has handled it.  A
+    getter's CONFIRM lost that way would otherwise have its item delivered
+    twice."""
+    from moodist import framing
+
+    monkeypatch.setattr("moodist.transport.RESYNC_AFTER", 60.0)  # no SYNC finds it first
+    handled = []
+    a, b = _transport_pair(lambda r, frames: handled.append(bytes(frames[0])) or True)
+    try:
+        done = []
+        assert b.send(0, [b"warm"], done.append)
+        poll_until(lambda: done == [None], TIMEOUT, "the warm-up")
+        peer = b._peers[0]
+        with peer.lock:  # numbered and kept for resending, but never sent: "lost"
+            body, large = framing.encode_body([b"lost on the way"])
+            peer.outbox.add(body, large, None)
+        start = time.monotonic()
+        b.close()
+        took = time.monotonic() - start
+        poll_until(lambda: a._peers[1].lost, TIMEOUT, "a to see b leave")
+        assert handled == [b"warm", b"lost on the way"]
+        assert isinstance(a._peers[1].error, PeerLeftError)
+        assert took < 1.0 and peer.outbox.acked == 2
+    finally:
+        a.close()
+        b.close()
+
+
 def test_close_from_two_threads_at_once_closes_once():
     a, b = _transport_pair(lambda r, f: True)
     try:
