@@ -54,7 +54,9 @@ is down for longer than ``peer_timeout / 2`` seconds is declared lost and
 ``on_peer_lost(rank, error)`` is called once, with a PeerLostError.  Both sides
 agree: the rank that declares a peer lost tells it so (LOST), drops whatever
 it sends afterwards and answers LOST again.  A rank that shuts down says BYE:
-its peers call ``on_peer_lost`` at once with a PeerLeftError, and log nothing.
+its peers call ``on_peer_lost`` with a PeerLeftError, and log nothing (at once,
+unless a message before the BYE is missing: see below; if its resend never
+comes, liveness declares the rank lost).
 A BYE carries the leaver's acknowledgement and is answered by one, so the
 leaver waits for its peers' acknowledgements, not for a fixed linger; its seq
 is the last one sent, so a peer that missed a message asks for it (NACK, which
@@ -346,8 +348,10 @@ class Transport:
         handled (this rank is leaving), but a NACK is answered: a peer that
         missed a message asks for it before it lets us go.  Returns the ranks
         seen leaving."""
-        waiting = {p.rank: p for p in peers if not p.lost and p.outbox.unacked}
-        left: set[int] = set()
+        # (A peer whose BYE we got, while it resends what we missed, is leaving too.)
+        left = {p.rank for p in peers if p.leaving_at}
+        waiting = {p.rank: p for p in peers
+                   if not p.lost and p.rank not in left and p.outbox.unacked}
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._zap, zmq.POLLIN)  # a peer's answer may need a new connection
