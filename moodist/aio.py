@@ -292,19 +292,19 @@ async def wait(node: Node, ref: QueueRef, host: int, timeout: float | None) -> b
     waker = _waker(loop, afut)
     seen = _Watch()
 
-    def on_item(size: int) -> None:  # under the storage lock, on any thread
-        seen.size = size
+    def wake() -> None:  # under the storage lock, on any thread
         try:
             waker(None)
         except RuntimeError:  # the loop is closed
             pass
 
+    def on_item(size: int) -> None:
+        seen.size = size
+        wake()
+
     def on_close(error: BaseException) -> None:
         seen.error = error
-        try:
-            waker(None)
-        except RuntimeError:
-            pass
+        wake()
 
     withdraw = storage.watch(on_item, on_close)
     if seen.size or seen.error is not None:  # answered at once, under the lock

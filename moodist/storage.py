@@ -245,11 +245,7 @@ class Storage:
         """Store ``putter``'s items now if they fit (calling ``admit``);
         otherwise queue it when ``block``.  False if neither happened."""
         with self._cond:
-            if self._admit_now(putter):
-                return True
-            if block:
-                self._putters.append(putter)
-            return block
+            return self._admit_or_park(putter, block) or block
 
     def cancel_putter(self, putter: Putter) -> bool:
         """Take ``putter`` out of line; False if it was already admitted."""
@@ -273,15 +269,9 @@ class Storage:
         another kind.
         """
         with self._cond:
-            if self._closed is not None:
-                raise self._closed
-            if self._items:  # the invariant says no getter is ahead of us
-                taken = self._take(kind)
-                if self._putters:
-                    self._serve()  # room for a waiting putter
+            taken = self._take_now(kind)
+            if taken is not None or not block:
                 return taken
-            if not block:
-                return None
             getter = _LocalGetter(kind)
             self._getters.append(getter)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -355,16 +345,10 @@ class Storage:
         ``block``) and return None.  Raises the close error, or ItemKindError
         (the item stays) if the head item is of another kind."""
         with self._cond:
-            if self._closed is not None:
-                raise self._closed
-            if self._items:
-                taken = self._take(getter.kind)
-                if self._putters:
-                    self._serve()
-                return taken
-            if block:
+            taken = self._take_now(getter.kind)
+            if taken is None and block:
                 self._getters.append(getter)
-            return None
+            return taken
 
     def put_or_park(self, putter: Putter, block: bool = True) -> bool:
         """Store ``putter``'s items now if they fit (True, ``admit`` called);
@@ -373,11 +357,7 @@ class Storage:
         with self._cond:
             if self._closed is not None:
                 raise self._closed
-            if self._admit_now(putter):
-                return True
-            if block:
-                self._putters.append(putter)
-            return False
+            return self._admit_or_park(putter, block)
 
     def cancel(self, getter: Getter) -> bool:
         """Take ``getter`` out of line; False if it was already served."""
@@ -473,6 +453,18 @@ class Storage:
 
     # ------------------------------------------------------------------ internals
 
+    def _take_now(self, kind: ItemKind) -> tuple[Item, int] | None:
+        """(Under the lock.)  Take the head item for a getter arriving now, or
+        None if there is none; raises the close error, or ItemKindError."""
+        if self._closed is not None:
+            raise self._closed
+        if not self._items:
+            return None
+        taken = self._take(kind)  # the invariant says no getter is ahead of it
+        if self._putters:
+            self._serve()  # room for a waiting putter
+        return taken
+
     def _take(self, kind: ItemKind) -> tuple[Item, int]:
         head = self._items[0]
         if head.kind != kind:
@@ -480,6 +472,15 @@ class Storage:
         size = len(self._items)
         self._items.popleft()
         return head, size
+
+    def _admit_or_park(self, putter: Putter, block: bool) -> bool:
+        """(Under the lock.)  Store ``putter``'s items now if they fit (True);
+        else queue it when ``block``."""
+        if self._admit_now(putter):
+            return True
+        if block:
+            self._putters.append(putter)
+        return False
 
     def _fits(self, putter: Putter) -> bool:
         return not self._items or len(self._items) + len(putter.items) <= putter.maxsize
