@@ -26,7 +26,7 @@ from .errors import (
     QueueMismatchError,
     RemoteError,
 )
-from .futures import Future
+from .futures import Future, Leader
 from .items import Item, ItemKind
 from .protocol import ErrorCode, Kind, Message, QueueRef
 from .storage import note_put_outcome
@@ -63,11 +63,11 @@ class _Fanout:
 
     __slots__ = ("qid", "sequencer", "waiting", "future", "error")
 
-    def __init__(self, qid: str, sequencer: int, waiting: set[int]) -> None:
+    def __init__(self, qid: str, sequencer: int, waiting: set[int], leader: Leader) -> None:
         self.qid = qid
         self.sequencer = sequencer
         self.waiting = waiting
-        self.future = Future(sequencer)
+        self.future = Future(sequencer, leader)
         self.error: BaseException | None = None
 
 
@@ -99,7 +99,7 @@ class Client:
         if self._closed is not None:
             raise self._closed
         rid = next(self._ids)
-        fut = Future(peer)
+        fut = Future(peer, self.transport)
         with self._lock:
             self._pending[rid] = fut
         on_done = (lambda error: self._complete(rid, error=error)) if acked else None
@@ -139,7 +139,7 @@ class Client:
         if lost is not None:
             raise lost
         rid = next(self._ids)
-        fan = _Fanout(ref.qid, sequencer, set(route))
+        fan = _Fanout(ref.qid, sequencer, set(route), self.transport)
         with self._lock:
             self._fanouts[rid] = fan
         for item in items:  # here too, while the same buffers are on their way elsewhere

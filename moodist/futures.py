@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 _guard = threading.Lock()  # the short critical sections of every Future
+
+
+class Leader(Protocol):
+    """Runs the message loop on a thread that waits (the transport: see
+    :meth:`moodist.transport.Transport.lead_until`)."""
+
+    def lead_until(self, ready: Callable[[], bool], deadline: float | None) -> bool: ...
+
+    def nudge(self) -> None: ...
+
+    def holds_io(self) -> bool: ...
 
 
 class Future:
@@ -14,13 +26,16 @@ class Future:
 
     Cheap to make: a waiting primitive is created only if someone waits
     before it completes (most puts are acknowledged without anyone waiting).
-    Callbacks run on the completing thread and must not block.
+    Callbacks run on the completing thread and must not block.  With a
+    ``leader`` (a message completes it), a thread that waits runs the
+    message loop itself while it can (see :class:`Leader`).
     """
 
-    __slots__ = ("peer", "_done", "_value", "_error", "_callbacks", "_event")
+    __slots__ = ("peer", "_done", "_value", "_error", "_callbacks", "_event", "_leader")
 
-    def __init__(self, peer: int = -1) -> None:
+    def __init__(self, peer: int = -1, leader: Leader | None = None) -> None:
         self.peer = peer  # the rank whose answer completes it (-1: none)
+        self._leader = leader
         self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
@@ -61,6 +76,8 @@ class Future:
             event = self._event
         if event is not None:
             event.set()
+        if self._leader is not None:
+            self._leader.nudge()  # (the thread that waits may be leading the loop)
         for callback in callbacks or ():
             callback(self)
         return True
@@ -81,7 +98,17 @@ class Future:
         return self._error
 
     def result(self, timeout: float | None = None) -> Any:
-        """Block until done (or ``timeout``: raises TimeoutError); raise its error."""
+        """Block until done (or ``timeout``: raises TimeoutError); raise its error.
+        Raises RuntimeError instead of waiting where no message could ever
+        complete it: in a handler of the message loop (e.g. a destructor that
+        runs there)."""
+        if not self._done and self._leader is not None:
+            if self._leader.holds_io():
+                raise RuntimeError("cannot wait for a moodist operation inside moodist's "
+                                   "message loop (it would never complete)")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if self._leader.lead_until(self.done, deadline) and deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         if not self._done:
             with _guard:
                 if not self._done and self._event is None:

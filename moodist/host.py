@@ -229,7 +229,7 @@ class Host:
             with self._storages_lock:
                 storage = self._storages.get(qid)
                 if storage is None:
-                    storage = self._storages[qid] = Storage(qid)
+                    storage = self._storages[qid] = Storage(qid, self.transport)
                     if self._closed is not None:
                         storage.close(self._closed)
         return storage

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import ItemDecodeError, ItemKindError
+from .futures import Leader
 from .items import Item, ItemKind
 
 
@@ -100,6 +101,9 @@ class _LocalGetter(Getter):
 
     def fail(self, error: BaseException) -> None:
         self.error = error
+
+    def settled(self) -> bool:
+        return self.result is not None or self.error is not None
 
 
 class CallbackGetter(Getter):
@@ -174,8 +178,11 @@ def _tell(notify: Callable[[Any], object], waiter: object) -> bool:
 class Storage:
     """The items of one queue at its host.  Thread safe."""
 
-    def __init__(self, qid: str) -> None:
+    def __init__(self, qid: str, leader: Leader | None = None) -> None:
+        """``leader``: a local get that blocks runs the message loop while it
+        waits, if it can (see :class:`moodist.futures.Leader`)."""
         self.qid = qid
+        self._leader = leader
         # The queue's parameters as first declared (by its host's Queue or the
         # first request), and by which rank: others must match.
         self.spec: str | None = None
@@ -277,20 +284,32 @@ class Storage:
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
                 while getter.result is None and getter.error is None:
+                    if deadline is not None and deadline <= time.monotonic():
+                        self._getters.remove(getter)
+                        return None
+                    if self._lead(getter.settled, deadline):
+                        continue
                     if deadline is None:
                         self._cond.wait()
                     else:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            self._getters.remove(getter)
-                            return None
-                        self._cond.wait(remaining)
+                        self._cond.wait(deadline - time.monotonic())
             except BaseException:
                 self._abandon(getter)
                 raise
             if getter.error is not None:
                 raise getter.error
             return getter.result
+
+    def _lead(self, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """(Under the lock.)  Wait by running the message loop on this thread,
+        the lock released meanwhile; False if this thread cannot lead now."""
+        if self._leader is None:
+            return False
+        self._cond.release()
+        try:
+            return self._leader.lead_until(ready, deadline)
+        finally:
+            self._cond.acquire()
 
     def decode_taken(self, taken: tuple[Item, int], decode: Callable[[Item], Any]
                      ) -> tuple[Any, int]:
@@ -421,6 +440,8 @@ class Storage:
             for on_close in close_watchers.values():
                 on_close(error)
             self._cond.notify_all()
+            if self._leader is not None:
+                self._leader.nudge()
 
     def watch(self, callback: Callable[[int], None],
               on_close: Callable[[BaseException], None] | None = None) -> Callable[[], bool]:
@@ -527,6 +548,8 @@ class Storage:
                 callback(len(self._items))
         if changed or self._items:
             self._cond.notify_all()
+            if self._leader is not None:
+                self._leader.nudge()
 
 
 def note_put_outcome(error: BaseException, stored: bool | None) -> None:

@@ -5,15 +5,24 @@ peer it talks to (outbound, connected lazily).  All traffic from rank A to
 rank B travels on A's DEALER to B's ROUTER, so per-pair order is kept and
 replies need no routing.
 
-Threads:
+Threads (leader/follower):
 
-* One background I/O thread per transport polls the ROUTER, the ZAP
-  authentication socket, peer monitors and a wake-up socket, and runs timers.
-  It hands each inbound message to ``on_message(rank, frames)``, which must not
-  block.  When idle it sleeps in ``zmq.poll`` (no busy polling).  An exception
-  in a callback is logged; it never stops the thread.
+* The message loop polls the ROUTER, the ZAP authentication socket, peer
+  monitors and a wake-up socket, hands each inbound message to
+  ``on_message(rank, frames)`` (which must not block) and runs timers.  One
+  thread at a time runs it: whoever holds the I/O lock.
+* A thread about to block until something arrives (a get, a put's
+  acknowledgement: see :meth:`Transport.lead_until`) runs the loop itself while
+  it waits, if nobody else does: a message then wakes the thread that wants
+  it, with no hand-off between threads.  Other waiters wait as before; the
+  leader's handlers wake them.
+* Otherwise a background I/O thread runs it.  It sleeps in ``poll`` on the
+  sockets' file descriptors without holding the lock, and takes the lock only
+  to handle what came (while a leader holds it, it waits for the lock: the
+  leader does the work).  When idle, nothing polls busily.  An exception in a
+  callback is logged; it never stops the loop.
 * Any thread may call :meth:`Transport.send`; each DEALER has its own lock and
-  is never polled, so user threads never touch a socket the I/O thread polls.
+  is never polled, so no thread touches a socket the loop polls.
 
 Delivery: exactly once and in order per pair of ranks while both live, across
 reconnects (sequence numbers, acknowledgements and resends: see
@@ -31,7 +40,7 @@ message, one receive and one acknowledgement per round trip, not per put; a
 lone put, a large one, or a request is never delayed.
 
 Authentication: each connection is checked once, when it is made (and
-again on every reconnect), by a ZAP handler run by the I/O thread; the
+again on every reconnect), by a ZAP handler run by the message loop; the
 credentials are made and checked by :class:`moodist.auth.Authenticator`
 from the group's key, which never crosses the wire.  By default with ZMTP
 PLAIN: the peer's user name must be a rank of the group and its password
@@ -78,7 +87,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import framing
+from . import framing, interrupts
 from .auth import Authenticator
 from .channel import DUPLICATE, NEW, Inbox, OnDone, Outbox
 from .errors import PeerLeftError, PeerLostError
@@ -195,7 +204,7 @@ class _Peer:
         self.down_since: float | None = time.monotonic()
         self.error: PeerLostError | None = None  # set once lost (or left)
         self.outbox = Outbox()
-        self.inbox = Inbox()  # I/O thread only
+        self.inbox = Inbox()  # the message loop's only
         self.tick_oldest = 0  # oldest unacknowledged seq at the last resync tick
         self.lost_notice_at = 0.0
         # Coalescing (under lock): messages numbered but not sent yet, as
@@ -214,8 +223,9 @@ class Transport:
     """Authenticated, ordered, exactly-once messaging to the other ranks of a group.
 
     ``on_message``, ``on_peer_lost`` and the ``on_done`` callbacks of sends run
-    on the I/O thread (or the thread that closes the transport) and must not
-    block.  ``on_message`` returns True when its sender waits for the
+    on the thread that runs the message loop (the I/O thread or a leader; see
+    :meth:`lead_until`) or the thread that closes the transport, one at a
+    time, and must not block.  ``on_message`` returns True when its sender waits for the
     acknowledgement (then it is sent after the batch, if no message carried it
     first); other acknowledgements ride on later traffic or answer a SYNC.
     """
@@ -261,18 +271,25 @@ class Transport:
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()
         self._close_lock = threading.Lock()
+        # Whoever holds the I/O lock runs the message loop (polls and reads the
+        # sockets, handles messages, runs timers): the I/O thread or a leader.
+        self._io_lock = threading.Lock()
+        self._io_owner: int | None = None  # its thread's ident
+        self._poller = zmq.Poller()  # the I/O lock holder's
+        self._poller_version = -1
+        self._monitors: dict[zmq.Socket[Any], _Peer] = {}  # under _peers_lock
+        self._sockets_version = 0  # bumped when a monitor is added
         self._addresses: list[str] = []
         self._peers: dict[int, _Peer] = {}
         self._peers_lock = threading.Lock()
-        self._new_monitors: list[_Peer] = []
         self._timers = _Timers()
         self._tick_armed = False  # a resync tick is scheduled
         self._tick_wanted = False  # a message was sent since: arm one
-        self._ack_due: set[_Peer] = set()  # I/O thread: peers to acknowledge after a batch
+        self._ack_due: set[_Peer] = set()  # the loop's: peers to acknowledge after a batch
         # What recovering from lost messages took (rare paths only; for tests and debugging).
         self.stats = {"resent": 0, "duplicates": 0, "gaps": 0, "syncs": 0}
         self.batches = 0  # BATCH messages sent (coalesced puts; for tests)
-        self._closing = False  # the I/O thread is asked to stop
+        self._closing = False  # the I/O thread and any leader are asked to stop
         self._closed = False  # sockets are being closed: nothing more is sent
         self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
         self.shm = Link.open()  # None: every frame goes through zmq
@@ -317,9 +334,11 @@ class Transport:
                     self._flush(peer)
                     peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
                                                   peer.inbox.handled))
-        # The ROUTER is ours once the I/O thread has stopped (on it, a batch of
-        # received messages may be half handled: then zmq's linger only).
-        awaited = not self._thread.is_alive()
+        # The ROUTER is ours once the I/O thread has stopped and no leader runs
+        # the loop (in it, a batch of received messages may be half handled:
+        # then zmq's linger only).  A leader lets go as soon as it sees closing.
+        owned = self._io_owner != threading.get_ident() and self._io_lock.acquire(timeout=5)
+        awaited = owned and not self._thread.is_alive()
         left: set[int] = set()
         try:
             if awaited:
@@ -338,11 +357,13 @@ class Transport:
                     callbacks = peer.outbox.drain()
                 _call_all(callbacks, error)
             self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
+            if owned:
+                self._io_lock.release()  # (a later leader sees closing and leaves at once)
             if self.shm is not None:
                 self.shm.close(grace=linger)
 
     def _await_acknowledgements(self, peers: list[_Peer], deadline: float) -> set[int]:
-        """(Closing; the I/O thread has stopped, so the ROUTER is ours.)  Read
+        """(Closing; the I/O lock is ours and the I/O thread has stopped.)  Read
         what arrives, heads only, until every peer has acknowledged all we sent
         it, has left or declared us lost, or ``deadline``.  Messages are not
         handled (this rank is leaving), but a NACK is answered: a peer that
@@ -435,7 +456,7 @@ class Transport:
                 peer.socket.send_multipart([framing.head(framing.DATA, seq, ack) + body, *large],
                                            copy=False)
         if not self._tick_armed and not self._tick_wanted:
-            # The I/O thread arms the resync tick; wake it, as it may sleep with no
+            # The message loop arms the resync tick; wake it, as it may sleep with no
             # timer (this happens once per second at most while messages flow).
             self._tick_wanted = True
             self._wake()
@@ -499,7 +520,8 @@ class Transport:
             )
             sock.connect(self._addresses[rank])
             peer = _Peer(rank, sock, monitor)
-            self._new_monitors.append(peer)
+            self._monitors[monitor] = peer
+            self._sockets_version += 1
             self._peers[rank] = peer
         self._wake()
         self._schedule_liveness_check(peer)
@@ -508,10 +530,10 @@ class Transport:
     # ------------------------------------------------------------------ timers
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
-        """Run ``fn`` on the I/O thread after ``delay`` seconds; ``.cancel()`` it."""
+        """Run ``fn`` in the message loop after ``delay`` seconds; ``.cancel()`` it."""
         timer, first = self._timers.push(delay, fn)
         if first and threading.current_thread() is not self._thread:
-            self._wake()
+            self._wake()  # whoever runs the loop, or will, may sleep past it
         return timer
 
     def _wake(self) -> None:
@@ -522,7 +544,7 @@ class Transport:
                 pass
 
     def _arm_tick(self) -> None:
-        """(I/O thread.)  Messages a send made wait for acknowledgements: tick."""
+        """(Message loop.)  Messages a send made wait for acknowledgements: tick."""
         if self._tick_armed or self._closing:
             return
         self._tick_armed = True
@@ -551,41 +573,140 @@ class Transport:
         if pending:
             self._arm_tick()
 
-    # ------------------------------------------------------------------ I/O thread
+    # ------------------------------------------------------------------ the message loop
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._zap, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
-        monitors: dict[zmq.Socket, _Peer] = {}
+        # Sleep on the sockets' file descriptors, not on the sockets, so that
+        # the lock is free while nothing happens: a thread that blocks takes
+        # it without waking this one.  A zmq socket's descriptor signals only
+        # new input (edge triggered): every holder reads each socket it polled
+        # until it is empty before it lets go (see _io_step).
+        watch = zmq.Poller()
+        watched = -1
         while not self._closing:
             try:
-                with self._peers_lock:
-                    for peer in self._new_monitors:
-                        poller.register(peer.monitor, zmq.POLLIN)
-                        monitors[peer.monitor] = peer
-                    self._new_monitors.clear()
-                events = dict(poller.poll(self._poll_timeout_ms()))
+                if watched != self._sockets_version:
+                    watched, sockets = self._sockets()
+                    watch = zmq.Poller()
+                    for sock in sockets:
+                        watch.register(sock.FD, zmq.POLLIN)
+                watch.poll(self._poll_timeout_ms())
                 if self._closing:
                     break
-                if self._wake_rx in events:
-                    self._drain(self._wake_rx, lambda _frames: None)
-                if self._zap in events:
-                    self._drain(self._zap, self._answer_zap)
-                for sock in [s for s in events if s in monitors]:
-                    peer = monitors[sock]
-                    self._drain(sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
-                if self._router in events:
-                    self._drain_router()
-                self._run_timers()
-                if self._tick_wanted:
-                    self._tick_wanted = False
-                    self._arm_tick()
+                if not self._io_lock.acquire(blocking=False):
+                    self._io_lock.acquire()  # a leader runs the loop; it lets go when done
+                self._io_owner = threading.get_ident()
+                try:
+                    while self._io_step(0) and not self._closing:
+                        pass
+                finally:
+                    self._io_owner = None
+                    self._io_lock.release()
             except zmq.ContextTerminated:
                 return
             except Exception:  # a bug: say so, and keep serving
                 log.exception("moodist: error on the I/O thread (it keeps running)")
+
+    def _sockets(self) -> tuple[int, list[zmq.Socket[Any]]]:
+        """Every socket the loop polls, and the version of that list."""
+        with self._peers_lock:
+            return self._sockets_version, [self._router, self._zap, self._wake_rx,
+                                           *self._monitors]
+
+    def _io_step(self, timeout_ms: int, hold_interrupts: bool = False) -> bool:
+        """(Holder of the I/O lock.)  Wait up to ``timeout_ms`` (-1: until
+        something comes) for input, handle it and run the timers that are
+        due.  True if a socket may hold more (read again before letting go).
+        ``hold_interrupts``: the main thread leads; a Ctrl-C while messages are
+        handled is raised once they are (see :mod:`moodist.interrupts`)."""
+        if self._poller_version != self._sockets_version:
+            self._poller_version, sockets = self._sockets()
+            self._poller = zmq.Poller()
+            for sock in sockets:
+                self._poller.register(sock, zmq.POLLIN)
+        events = dict(self._poller.poll(timeout_ms))
+        if self._closing:
+            return False
+        if hold_interrupts:
+            interrupts.hold()
+        try:
+            more = False
+            if self._wake_rx in events:
+                more |= self._drain(self._wake_rx, _ignore)
+            if self._zap in events:
+                more |= self._drain(self._zap, self._answer_zap)
+            for sock in events:
+                peer = self._monitors.get(sock)
+                if peer is not None:
+                    more |= self._drain(
+                        sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
+            if self._router in events:
+                more |= self._drain_router()
+            self._run_timers()
+            if self._tick_wanted:
+                self._tick_wanted = False
+                self._arm_tick()
+        finally:
+            if hold_interrupts:
+                interrupts.release()
+        return more
+
+    def lead_until(self, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """Run the message loop on this thread until ``ready()`` is true or
+        ``deadline`` (``time.monotonic()``; None: no limit) passes, if no other
+        thread runs it now.  Returns False at once if this thread cannot lead
+        (another does, the transport is closing, this thread is already in
+        the loop, or it is the main thread with a Python signal handler that
+        could raise): then wait as usual; a leader's handlers wake you.
+
+        Whoever makes ``ready()`` true from another thread calls
+        :meth:`nudge`.  Handlers of inbound messages run on this thread while
+        it leads, so it must hold no lock that they take."""
+        me = threading.get_ident()
+        if self._closing or self._io_owner == me:
+            return False
+        main = interrupts.is_main_thread()
+        previous = interrupts.begin() if main else None
+        if main and previous is None:
+            return False
+        owned = drained = False
+        try:
+            owned = self._io_lock.acquire(blocking=False)
+            if not owned:
+                return False
+            self._io_owner = me
+            more = False
+            while not self._closing and (more or not ready()):
+                timeout_ms = 0 if more else self._poll_timeout_ms()
+                if deadline is not None and not more:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    left_ms = int(left * 1000) + 1
+                    timeout_ms = left_ms if timeout_ms < 0 else min(timeout_ms, left_ms)
+                more = self._io_step(timeout_ms, hold_interrupts=main)
+            drained = not more
+            return True
+        finally:
+            if owned:
+                self._io_owner = None
+                self._io_lock.release()
+                if not drained:  # input may be left unread: its descriptor will not tell
+                    self._wake()
+            if main:
+                interrupts.end(previous)
+
+    def nudge(self) -> None:
+        """Wake the thread that leads the message loop, if it is not this one:
+        something it may wait for happened (see :meth:`lead_until`)."""
+        owner = self._io_owner
+        if owner is not None and owner != threading.get_ident() and owner != self._thread.ident:
+            self._wake()
+
+    def holds_io(self) -> bool:
+        """This thread runs the message loop now (a handler, or a destructor
+        that runs in one): it must not wait for a message."""
+        return self._io_owner == threading.get_ident()
 
     def _poll_timeout_ms(self) -> int:
         delay = self._timers.next_delay()
@@ -601,15 +722,17 @@ class Transport:
             except Exception:
                 log.exception("moodist timer failed")
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None]) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None]) -> bool:
+        """Handle what ``sock`` holds; True if it may hold more."""
         for _ in range(_DRAIN_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             handle(frames)
+        return True
 
-    def _drain_router(self) -> None:
+    def _drain_router(self) -> bool:
         # Receive the whole batch first, then handle it: each recv releases
         # the GIL, and a user thread woken by a handled message would take it
         # at every recv; this way it wakes once per batch.
@@ -624,6 +747,7 @@ class Transport:
                 self._dispatch(frames)
         finally:
             self._send_acks()
+        return len(batch) == _DRAIN_BATCH
 
     def _send_acks(self) -> None:
         """One ACK to each peer whose handled messages no message has told it of."""
@@ -851,6 +975,10 @@ class Transport:
 
     def is_lost(self, rank: int) -> bool:
         return self.lost_error(rank) is not None
+
+
+def _ignore(_frames: list[Any]) -> None:
+    pass
 
 
 def _call_all(callbacks: list[OnDone], error: BaseException | None) -> None:

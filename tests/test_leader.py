@@ -1,0 +1,276 @@
+"""Leader/follower: a thread that waits runs the message loop itself (issue 10).
+
+* A blocked get or put wait handles the message it waits for on its own thread
+  (no hand-off through the I/O thread); with nobody waiting, the I/O thread does.
+* A leader is woken by what other threads do (a local put, a shutdown), not
+  only by messages.
+* Ctrl-C on a main thread that leads is held back while it handles messages:
+  a storm of KeyboardInterrupts loses and duplicates nothing, and SIGINT's
+  handler is given back.
+* Nothing waits for a message inside the message loop (it would never come).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+from cluster import poll_until
+from test_leaving import _transport_pair
+
+from moodist import GroupShutdownError, Queue
+from moodist.futures import Future
+
+TIMEOUT = 30.0
+
+
+def test_a_waiting_thread_handles_the_message_it_waits_for():
+    """The thread in lead_until runs the handler of a message that arrives
+    meanwhile; with nobody leading, the I/O thread runs it."""
+    handled_on: list[int] = []
+    a, b = _transport_pair(lambda r, f: handled_on.append(threading.get_ident()) or True)
+    try:
+        done: list = []
+        assert b.send(0, [b"to the I/O thread"], done.append)
+        poll_until(lambda: done == [None], TIMEOUT, "the first message")
+        assert handled_on == [a._thread.ident]
+
+        led: list[bool] = []
+        leading = threading.Event()
+
+        def wait_for_second():
+            leading.set()
+            led.append(a.lead_until(lambda: len(handled_on) == 2, time.monotonic() + TIMEOUT))
+
+        waiter = threading.Thread(target=wait_for_second)
+        waiter.start()
+        assert leading.wait(TIMEOUT)
+        poll_until(lambda: a._io_owner == waiter.ident, TIMEOUT, "the waiter to lead")
+        assert b.send(0, [b"to the waiting thread"], done.append)
+        waiter.join(TIMEOUT)
+        assert led == [True]
+        assert handled_on[1] == waiter.ident
+        poll_until(lambda: done == [None, None], TIMEOUT, "its acknowledgement")
+
+        # Nobody leads any more: the I/O thread takes over again.
+        assert b.send(0, [b"to the I/O thread again"], done.append)
+        poll_until(lambda: len(handled_on) == 3, TIMEOUT, "the third message")
+        assert handled_on[2] == a._thread.ident
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_leader_at_a_time_and_none_inside_the_loop():
+    """A second thread cannot lead while one does (it waits as a follower), and
+    the loop's own thread cannot lead again from inside a handler."""
+    inner: list[bool] = []
+    holder: dict = {}
+
+    def on_message(rank, frames):
+        inner.append(holder["a"].lead_until(lambda: True, None))
+        return True
+
+    a, b = _transport_pair(on_message)
+    holder["a"] = a
+    try:
+        release = threading.Event()
+        waiter = threading.Thread(target=a.lead_until,
+                                  args=(release.is_set, time.monotonic() + TIMEOUT))
+        waiter.start()
+        poll_until(lambda: a._io_owner == waiter.ident, TIMEOUT, "the waiter to lead")
+        assert a.lead_until(lambda: False, time.monotonic() + TIMEOUT) is False
+        done: list = []
+        assert b.send(0, [b"x"], done.append)
+        poll_until(lambda: done == [None], TIMEOUT, "the message")
+        assert inner == [False]
+        release.set()
+        a.nudge()
+        waiter.join(TIMEOUT)
+        assert not waiter.is_alive()
+    finally:
+        a.close()
+        b.close()
+
+
+class _Loop:
+    """A Leader whose message loop is running on this thread."""
+
+    def lead_until(self, ready, deadline) -> bool:
+        return False
+
+    def nudge(self) -> None:
+        pass
+
+    def holds_io(self) -> bool:
+        return True
+
+
+def test_waiting_for_a_future_inside_the_message_loop_raises_instead_of_hanging():
+    fut = Future(1, _Loop())
+    with pytest.raises(RuntimeError, match="message loop"):
+        fut.result(1.0)
+    fut.set_result(7)
+    assert fut.result() == 7  # done: nothing to wait for
+
+
+# ---------------------------------------------------------------------------- in ranks
+
+
+def _local_put_wakes_the_leader(ctx):
+    """Rank 0's main thread leads in a get on its own queue; another thread of
+    rank 0 puts into it: the get returns at once, not at its timeout."""
+    q = Queue(ctx.group, location=0, name="wake")
+    if ctx.rank != 0:
+        ctx.barrier("done")
+        return None
+    transport = ctx.group.node.transport
+    main = threading.get_ident()
+
+    def put_later():
+        poll_until(lambda: transport._io_owner == main, TIMEOUT, "the main thread to lead")
+        q.put_object("from another thread").wait()
+
+    putter = threading.Thread(target=put_later)
+    putter.start()
+    start = time.monotonic()
+    got = q.get_object(timeout=TIMEOUT)
+    took = time.monotonic() - start
+    putter.join(TIMEOUT)
+    ctx.barrier("done")
+    return got, took
+
+
+def test_a_local_put_from_another_thread_wakes_a_leading_get(cluster):
+    got, took = cluster.run(_local_put_wakes_the_leader, 2)[0]
+    assert got == "from another thread"
+    assert took < 5.0, took
+
+
+def _shutdown_wakes_the_leader(ctx):
+    q = Queue(ctx.group, location=0, name="shut")
+    if ctx.rank != 0:
+        return None
+    transport = ctx.group.node.transport
+    main = threading.get_ident()
+
+    def shut_later():
+        poll_until(lambda: transport._io_owner == main, TIMEOUT, "the main thread to lead")
+        ctx.group.shutdown()
+
+    closer = threading.Thread(target=shut_later)
+    closer.start()
+    start = time.monotonic()
+    try:
+        q.get_object(timeout=TIMEOUT)
+        outcome = "got something"
+    except GroupShutdownError:
+        outcome = "GroupShutdownError"
+    took = time.monotonic() - start
+    closer.join(TIMEOUT)
+    return outcome, took
+
+
+def test_a_shutdown_from_another_thread_ends_a_leading_get(cluster):
+    outcome, took = cluster.run(_shutdown_wakes_the_leader, 2)[0]
+    assert outcome == "GroupShutdownError"
+    assert took < 5.0, took
+
+
+N_CTRL_C = 300
+
+
+def _ctrl_c_in_handlers(ctx):
+    """Rank 0 puts N objects, one at a time, into a queue on rank 1 and into
+    one on itself.  Rank 1's main thread takes them (local gets, then remote
+    gets), leading the message loop while it waits; every other message its
+    main thread handles sends it SIGINT from inside the handler, where a
+    KeyboardInterrupt would leave the message half handled.  Rank 1 catches
+    each KeyboardInterrupt and gets again."""
+    local_q = Queue(ctx.group, location=1, name="ctrl-c-local")
+    remote_q = Queue(ctx.group, location=0, name="ctrl-c-remote")
+    ctx.barrier("start")
+    if ctx.rank == 0:
+        for q in (local_q, remote_q):
+            for i in [*range(N_CTRL_C), -1]:
+                q.put_object(i).wait()
+        ctx.barrier("done")
+        return None
+    transport = ctx.group.node.transport
+    main = threading.get_ident()
+    sent = [0]
+    on_message = transport._on_message
+
+    def interrupting_on_message(rank, frames):
+        result = on_message(rank, frames)
+        if threading.get_ident() == main:
+            sent[0] += 1
+            if sent[0] % 2:
+                signal.pthread_kill(main, signal.SIGINT)  # lands before the handling ends
+        return result
+
+    transport._on_message = interrupting_on_message
+    got: dict[str, list] = {"local": [], "remote": []}
+    interrupts = 0
+    for name, q in (("local", local_q), ("remote", remote_q)):
+        while not got[name] or got[name][-1] != -1:
+            try:
+                item = q.get_object(timeout=TIMEOUT)
+            except KeyboardInterrupt:
+                interrupts += 1
+                continue
+            got[name].append(item)
+    transport._on_message = on_message
+    restored = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ctx.barrier("done")
+    return got, interrupts, (sent[0] + 1) // 2, restored
+
+
+def test_ctrl_c_inside_a_leading_main_threads_handlers_loses_and_duplicates_nothing(cluster):
+    """Each SIGINT raised inside a handler on the leading main thread surfaces as
+    one KeyboardInterrupt from the get, once the handling is done; every item
+    arrives exactly once and in order; SIGINT's handler is given back."""
+    got, interrupts, signals, restored = cluster.run(_ctrl_c_in_handlers, 2, timeout=120)[1]
+    expected = [*range(N_CTRL_C), -1]
+    assert got["local"] == expected, (len(got["local"]), interrupts)
+    assert got["remote"] == expected, (len(got["remote"]), interrupts)
+    assert signals > 100, signals  # the main thread led, and was interrupted inside handlers
+    assert interrupts == signals
+    assert restored
+
+
+def _with_a_sigterm_handler(ctx):
+    """A Python SIGTERM handler (which could raise anywhere): the main thread
+    does not lead, and gets work as before."""
+    previous = signal.signal(signal.SIGTERM, lambda s, f: None)
+    try:
+        q = Queue(ctx.group, location=1, name="term")
+        if ctx.rank == 0:
+            for i in range(50):
+                q.put_object(i)
+            ctx.barrier("done")
+            return None
+        transport = ctx.group.node.transport
+        led = transport.lead_until(lambda: True, None)
+        got = [q.get_object(timeout=TIMEOUT) for _ in range(50)]
+        ctx.barrier("done")
+        return led, got
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_main_thread_with_its_own_signal_handler_waits_as_a_follower(cluster):
+    led, got = cluster.run(_with_a_sigterm_handler, 2)[1]
+    assert led is False
+    assert got == list(range(50))
+
+
+def test_the_rank_function_runs_on_the_main_thread(cluster):
+    """(The tests above rely on it: the rank's main thread is the one that leads.)"""
+    assert cluster.run(_on_main_thread, 1, group=False) == [True]
+
+
+def _on_main_thread(ctx):
+    return threading.current_thread() is threading.main_thread()
