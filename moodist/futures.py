@@ -94,6 +94,11 @@ class Future:
     def done(self) -> bool:
         return self._done
 
+    def can_wait(self) -> bool:
+        """False where waiting would never end: this thread runs the message
+        loop that must complete it (a handler, or a destructor run there)."""
+        return self._done or self._leader is None or not self._leader.holds_io()
+
     def error(self) -> BaseException | None:
         return self._error
 
@@ -103,7 +108,7 @@ class Future:
         complete it: in a handler of the message loop (e.g. a destructor that
         runs there)."""
         if not self._done and self._leader is not None:
-            if self._leader.holds_io():
+            if not self.can_wait():
                 raise RuntimeError("cannot wait for a moodist operation inside moodist's "
                                    "message loop (it would never complete)")
             deadline = None if timeout is None else time.monotonic() + timeout

@@ -1,14 +1,17 @@
-"""Ctrl-C on the main thread while it handles messages: held back until it is done.
+"""Ctrl-C on the main thread while it runs moodist's message loop: held back
+until it is safe.
 
 A thread that waits in moodist may run the message loop itself (see
 :meth:`moodist.transport.Transport.lead_until`).  Python runs signal handlers
 on the main thread, between any two bytecodes; a KeyboardInterrupt raised in
 the middle of a message's handler would leave the queue half changed (an item
-taken and never answered).  So while the main thread leads, SIGINT's default
-handler is swapped for one that, inside :func:`held`, only notes the signal;
-the KeyboardInterrupt is raised when the section ends (and at once outside it,
-e.g. while the thread sleeps in poll).  The handler the user sees is restored
-when the lead ends.
+taken and never answered), and one raised just after the loop's lock is taken
+would keep it forever.  So while the main thread leads, SIGINT's default
+handler is swapped for one that only notes the signal while it is held back:
+the whole lead (:func:`begin` to :func:`end`) but its sleeps in poll
+(:func:`allow` to :func:`hold`), where a KeyboardInterrupt is raised at once.
+One noted meanwhile is raised by :func:`allow` or :func:`end`, which also
+gives the handler back.
 
 A signal with any other Python handler may raise anywhere too, so the main
 thread does not lead while one is installed (it waits as other threads do).
@@ -44,36 +47,50 @@ def is_main_thread() -> bool:
 
 
 def begin() -> Any:
-    """(Main thread.)  Install the holding SIGINT handler for a lead.  Returns
-    the handler to give back to :func:`end`, or None if the main thread must
-    not lead (a Python handler that could raise is installed)."""
+    """(Main thread.)  Hold SIGINT back and install the holding handler, for a
+    lead.  Returns what to give back to :func:`end`, or None (nothing changed)
+    if the main thread must not lead: a Python handler that could raise is
+    installed."""
+    global _holding
     previous = signal.getsignal(signal.SIGINT)
-    if callable(previous) and previous is not signal.default_int_handler:
+    ours = previous is signal.default_int_handler or previous is _on_sigint
+    if callable(previous) and not ours:
         return None
     for signum in _OTHERS:
         if callable(signal.getsignal(signum)):
             return None
+    _holding = True
     if previous is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
     return previous if previous is not None else signal.SIG_DFL
 
 
 def end(previous: Any) -> None:
-    """(Main thread.)  Give SIGINT its handler back (see :func:`begin`)."""
-    if previous is signal.default_int_handler:
+    """(Main thread.)  End the lead :func:`begin` started: give SIGINT its
+    handler back, then raise the KeyboardInterrupt held back, if any."""
+    global _holding
+    if previous is signal.default_int_handler and signal.getsignal(signal.SIGINT) is _on_sigint:
         signal.signal(signal.SIGINT, previous)
+    _holding = False
+    _raise_held()
+
+
+def allow() -> None:
+    """(Main thread, leading.)  Let SIGINT interrupt (around a sleep in poll);
+    raise the KeyboardInterrupt held back, if any."""
+    global _holding
+    _holding = False
+    _raise_held()
 
 
 def hold() -> None:
-    """Hold SIGINT back until :func:`release` (main thread, during a lead)."""
+    """(Main thread, leading.)  Hold SIGINT back again, after :func:`allow`."""
     global _holding
     _holding = True
 
 
-def release() -> None:
-    """End :func:`hold`; raise the KeyboardInterrupt that came meanwhile, if any."""
-    global _holding, _pending
-    _holding = False
+def _raise_held() -> None:
+    global _pending
     if _pending:
         _pending = False
         raise KeyboardInterrupt

@@ -108,6 +108,9 @@ class QueueWork:
 
     def __del__(self) -> None:
         if getattr(self, "_wait_on_del", False):
+            if not self._future.can_wait():  # collected inside the message loop:
+                self._future.add_done_callback(_keeping(self))  # kept until it ends
+                return
             try:
                 self.wait()
             except Exception as e:  # a destructor cannot raise: say it loudly instead

@@ -287,8 +287,8 @@ class Storage:
                     if deadline is not None and deadline <= time.monotonic():
                         self._getters.remove(getter)
                         return None
-                    if self._lead(getter.settled, deadline):
-                        continue
+                    if self._lead(getter.settled, deadline) or getter.settled():
+                        continue  # (served by a leader while the lock was let go)
                     if deadline is None:
                         self._cond.wait()
                     else:

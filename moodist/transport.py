@@ -77,6 +77,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import struct
 import threading
@@ -93,6 +94,7 @@ from .channel import DUPLICATE, NEW, Inbox, OnDone, Outbox
 from .errors import PeerLeftError, PeerLostError
 from .framing import INLINE_MAX, decode_body, encode_body  # noqa: F401 - INLINE_MAX re-exported
 from .shm import Link
+from .watch import Watch
 
 log = logging.getLogger("moodist.transport")
 
@@ -106,6 +108,8 @@ _HOLD_MAX_BYTES = 1 << 18  # held (coalesced) message bodies beyond this go out 
 # the BYEs get this long to leave: on a live connection they leave at once, and a
 # peer that closed too (its ROUTER gone) would keep zmq's linger waiting in vain.
 _BYE_LINGER = 0.2
+# A thread about to lead waits this long for the I/O thread to finish a step.
+_IO_STEP_WAIT = 0.01
 _counter = itertools.count()
 
 
@@ -164,6 +168,12 @@ class _Timers:
                 self._heap = [t for t in self._heap if not t.cancelled]
                 heapq.heapify(self._heap)
                 self._cancelled = 0
+
+    def next_deadline(self) -> float | None:
+        """When the first timer expires (``time.monotonic()``; None: no timer)."""
+        with self._lock:
+            self._drop_cancelled_top()
+            return self._heap[0].deadline if self._heap else None
 
     def next_delay(self) -> float | None:
         """Seconds until the first timer expires (None: no timer)."""
@@ -278,6 +288,10 @@ class Transport:
         self._poller = zmq.Poller()  # the I/O lock holder's
         self._poller_version = -1
         self._monitors: dict[zmq.Socket[Any], _Peer] = {}  # under _peers_lock
+        self._watch = Watch()  # where the I/O thread sleeps (a leader mutes it)
+        for sock in (self._router, self._zap, self._wake_rx):
+            self._watch.add(sock.FD)
+        self._io_sleeps_until = 0.0  # (monotonic) when the I/O thread wakes by itself
         self._sockets_version = 0  # bumped when a monitor is added
         self._addresses: list[str] = []
         self._peers: dict[int, _Peer] = {}
@@ -287,7 +301,7 @@ class Transport:
         self._tick_wanted = False  # a message was sent since: arm one
         self._ack_due: set[_Peer] = set()  # the loop's: peers to acknowledge after a batch
         # What recovering from lost messages took (rare paths only; for tests and debugging).
-        self.stats = {"resent": 0, "duplicates": 0, "gaps": 0, "syncs": 0}
+        self.stats = {"resent": 0, "duplicates": 0, "gaps": 0, "syncs": 0, "unsent": 0}
         self.batches = 0  # BATCH messages sent (coalesced puts; for tests)
         self._closing = False  # the I/O thread and any leader are asked to stop
         self._closed = False  # sockets are being closed: nothing more is sent
@@ -322,9 +336,15 @@ class Transport:
             if self._closing:
                 return
             self._closing = True
-        self._wake()
+        self._wake()  # the loop's holder
+        self._watch.alarm()  # the I/O thread, even while a leader holds the loop
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
+        # The sockets are ours once the I/O thread has stopped and no leader runs
+        # the loop (a leader lets go as soon as it sees closing).  Then no
+        # message is handled after the BYE says what was.  (Without the lock, a
+        # batch of received messages may be half handled: zmq's linger only.)
+        owned = self._io_owner != threading.get_ident() and self._io_lock.acquire(timeout=5)
         with self._peers_lock:
             peers = list(self._peers.values())
             self._closed = True
@@ -332,12 +352,8 @@ class Transport:
             with peer.lock:  # no send is half done after this
                 if not peer.lost:
                     self._flush(peer)
-                    peer.socket.send(framing.head(framing.BYE, peer.outbox.last_sent,
-                                                  peer.inbox.handled))
-        # The ROUTER is ours once the I/O thread has stopped and no leader runs
-        # the loop (in it, a batch of received messages may be half handled:
-        # then zmq's linger only).  A leader lets go as soon as it sees closing.
-        owned = self._io_owner != threading.get_ident() and self._io_lock.acquire(timeout=5)
+                    self._post(peer, [framing.head(framing.BYE, peer.outbox.last_sent,
+                                                   peer.inbox.handled)])
         awaited = owned and not self._thread.is_alive()
         left: set[int] = set()
         try:
@@ -359,6 +375,8 @@ class Transport:
             self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
             if owned:
                 self._io_lock.release()  # (a later leader sees closing and leaves at once)
+            if not self._thread.is_alive():
+                self._watch.close()
             if self.shm is not None:
                 self.shm.close(grace=linger)
 
@@ -453,8 +471,7 @@ class Transport:
                 if on_done is not None:
                     peer.put_seq = seq
                 ack = peer.inbox.ack_sent = peer.inbox.handled
-                peer.socket.send_multipart([framing.head(framing.DATA, seq, ack) + body, *large],
-                                           copy=False)
+                self._post(peer, [framing.head(framing.DATA, seq, ack) + body, *large])
         if not self._tick_armed and not self._tick_wanted:
             # The message loop arms the resync tick; wake it, as it may sleep with no
             # timer (this happens once per second at most while messages flow).
@@ -476,7 +493,7 @@ class Transport:
         else:
             self.batches += 1
             message = framing.encode_batch(held[0][0], ack, [(b, lf) for _, b, lf in held])
-        peer.socket.send_multipart(message, copy=False)
+        self._post(peer, message)
 
     def lost_error(self, rank: int) -> PeerLostError | None:
         """The error ``rank`` was lost (or left) with, or None if it is not."""
@@ -488,7 +505,19 @@ class Transport:
             if self._closed:
                 return
             ack = peer.inbox.ack_sent = peer.inbox.handled
-            peer.socket.send(framing.head(control, seq, ack))
+            self._post(peer, [framing.head(control, seq, ack)])
+
+    def _post(self, peer: _Peer, frames: list[Any]) -> None:
+        """(Under ``peer.lock``.)  Hand ``frames`` to ``peer``'s DEALER; never
+        blocks.  With no connection to queue them on (between a failed
+        handshake and the reconnect, zmq has none) they are dropped: a data
+        message stays in the outbox until a SYNC finds it missing, and a
+        control message is sent again when it matters (a LOST notice, an
+        ACK that a SYNC asks for)."""
+        try:
+            peer.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.stats["unsent"] += 1
 
     def _exporter(self, rank: int) -> Callable[[Any, int], bytes | None] | None:
         return None if self.shm is None else self.shm.exporter(rank)
@@ -522,6 +551,7 @@ class Transport:
             peer = _Peer(rank, sock, monitor)
             self._monitors[monitor] = peer
             self._sockets_version += 1
+            self._watch.add(monitor.FD)
             self._peers[rank] = peer
         self._wake()
         self._schedule_liveness_check(peer)
@@ -576,21 +606,14 @@ class Transport:
     # ------------------------------------------------------------------ the message loop
 
     def _run(self) -> None:
-        # Sleep on the sockets' file descriptors, not on the sockets, so that
-        # the lock is free while nothing happens: a thread that blocks takes
-        # it without waking this one.  A zmq socket's descriptor signals only
-        # new input (edge triggered): every holder reads each socket it polled
-        # until it is empty before it lets go (see _io_step).
-        watch = zmq.Poller()
-        watched = -1
+        # Sleep on the sockets' descriptors (see moodist.watch), not on the
+        # sockets, so that the lock is free while nothing happens: a thread
+        # that blocks takes it without waking this one.
         while not self._closing:
             try:
-                if watched != self._sockets_version:
-                    watched, sockets = self._sockets()
-                    watch = zmq.Poller()
-                    for sock in sockets:
-                        watch.register(sock.FD, zmq.POLLIN)
-                watch.poll(self._poll_timeout_ms())
+                first = self._timers.next_deadline()
+                self._io_sleeps_until = math.inf if first is None else first
+                self._watch.wait(self._poll_timeout_ms())
                 if self._closing:
                     break
                 if not self._io_lock.acquire(blocking=False):
@@ -624,31 +647,31 @@ class Transport:
             self._poller = zmq.Poller()
             for sock in sockets:
                 self._poller.register(sock, zmq.POLLIN)
-        events = dict(self._poller.poll(timeout_ms))
-        if self._closing:
-            return False
-        if hold_interrupts:
-            interrupts.hold()
+        if hold_interrupts:  # a Ctrl-C is safe in the sleep: nothing is read yet
+            interrupts.allow()
         try:
-            more = False
-            if self._wake_rx in events:
-                more |= self._drain(self._wake_rx, _ignore)
-            if self._zap in events:
-                more |= self._drain(self._zap, self._answer_zap)
-            for sock in events:
-                peer = self._monitors.get(sock)
-                if peer is not None:
-                    more |= self._drain(
-                        sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
-            if self._router in events:
-                more |= self._drain_router()
-            self._run_timers()
-            if self._tick_wanted:
-                self._tick_wanted = False
-                self._arm_tick()
+            events = dict(self._poller.poll(timeout_ms))
         finally:
             if hold_interrupts:
-                interrupts.release()
+                interrupts.hold()
+        more = False
+        if self._wake_rx in events:
+            more |= self._drain(self._wake_rx, _ignore)
+        if self._closing:
+            return more
+        if self._zap in events:
+            more |= self._drain(self._zap, self._answer_zap)
+        for sock in events:
+            peer = self._monitors.get(sock)
+            if peer is not None:
+                more |= self._drain(
+                    sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
+        if self._router in events:
+            more |= self._drain_router()
+        self._run_timers()
+        if self._tick_wanted:
+            self._tick_wanted = False
+            self._arm_tick()
         return more
 
     def lead_until(self, ready: Callable[[], bool], deadline: float | None) -> bool:
@@ -661,40 +684,56 @@ class Transport:
 
         Whoever makes ``ready()`` true from another thread calls
         :meth:`nudge`.  Handlers of inbound messages run on this thread while
-        it leads, so it must hold no lock that they take."""
+        it leads, so it must hold no lock that they take; an exception in
+        one is logged, as on the I/O thread.  A KeyboardInterrupt is raised
+        only from the sleep in poll or once the loop is let go."""
         me = threading.get_ident()
         if self._closing or self._io_owner == me:
             return False
         main = interrupts.is_main_thread()
-        previous = interrupts.begin() if main else None
-        if main and previous is None:
-            return False
+        previous = None
+        if main:
+            previous = interrupts.begin()  # Ctrl-C is held back from here...
+            if previous is None:
+                return False
         owned = drained = False
         try:
             owned = self._io_lock.acquire(blocking=False)
+            if not owned and self._io_owner == self._thread.ident:
+                # The I/O thread handles what just came: it lets go at once.  (If a
+                # leader takes the lock meanwhile, this gives up within the timeout.)
+                owned = self._io_lock.acquire(timeout=_IO_STEP_WAIT)
             if not owned:
                 return False
             self._io_owner = me
+            self._watch.mute()  # what comes now wakes this thread alone
             more = False
-            while not self._closing and (more or not ready()):
+            while not self._closing and not ready():
                 timeout_ms = 0 if more else self._poll_timeout_ms()
-                if deadline is not None and not more:
+                if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     left_ms = int(left * 1000) + 1
                     timeout_ms = left_ms if timeout_ms < 0 else min(timeout_ms, left_ms)
-                more = self._io_step(timeout_ms, hold_interrupts=main)
+                try:
+                    more = self._io_step(timeout_ms, hold_interrupts=main)
+                except Exception:  # a bug: say so, and keep serving
+                    log.exception("moodist: error in the message loop (it keeps running)")
+                    more = True
             drained = not more
             return True
         finally:
             if owned:
+                self._watch.unmute()  # (under the lock: a next leader mutes after this)
                 self._io_owner = None
                 self._io_lock.release()
-                if not drained:  # input may be left unread: its descriptor will not tell
-                    self._wake()
+                first = self._timers.next_deadline()
+                if not drained or (first is not None and first < self._io_sleeps_until):
+                    self._watch.alarm()  # input left unread (its descriptor will not
+                    # tell again), or a timer the I/O thread would sleep past
             if main:
-                interrupts.end(previous)
+                interrupts.end(previous)  # ...to here (a held one is raised now)
 
     def nudge(self) -> None:
         """Wake the thread that leads the message loop, if it is not this one:
@@ -895,8 +934,7 @@ class Transport:
             peer.put_seq = peer.outbox.last_sent
             for entry_seq, body, large, _on_done in peer.outbox.from_seq(seq):
                 self.stats["resent"] += 1
-                peer.socket.send_multipart(
-                    [framing.head(framing.DATA, entry_seq, ack) + body, *large], copy=False)
+                self._post(peer, [framing.head(framing.DATA, entry_seq, ack) + body, *large])
 
     def _tell_lost(self, peer: _Peer) -> None:
         """A rank we declared lost is still talking: tell it (now and then)."""

@@ -22,6 +22,8 @@ from test_leaving import _transport_pair
 
 from moodist import GroupShutdownError, Queue
 from moodist.futures import Future
+from moodist.items import ItemKind, decode, object_item
+from moodist.storage import Storage
 
 TIMEOUT = 30.0
 
@@ -116,6 +118,35 @@ def test_waiting_for_a_future_inside_the_message_loop_raises_instead_of_hanging(
     assert fut.result() == 7  # done: nothing to wait for
 
 
+class _ServedWhileLetGo:
+    """A Leader that cannot lead, but meanwhile (the storage's lock let go)
+    another thread puts an item, which goes straight to the waiting getter."""
+
+    def __init__(self) -> None:
+        self.storage = None
+
+    def lead_until(self, ready, deadline) -> bool:
+        putter = threading.Thread(target=self.storage.put, args=([object_item("x")],))
+        putter.start()
+        putter.join()
+        return False
+
+    def nudge(self) -> None:
+        pass
+
+    def holds_io(self) -> bool:
+        return False
+
+
+def test_a_get_served_while_it_tried_to_lead_returns_at_once():
+    leader = _ServedWhileLetGo()
+    storage = leader.storage = Storage("q", leader)
+    start = time.monotonic()
+    got = storage.get(ItemKind.OBJECT, timeout=5.0)
+    assert got is not None and decode(got[0]) == "x"
+    assert time.monotonic() - start < 2.0  # not at its timeout (and not empty-handed)
+
+
 # ---------------------------------------------------------------------------- in ranks
 
 
@@ -156,9 +187,13 @@ def _shutdown_wakes_the_leader(ctx):
     transport = ctx.group.node.transport
     main = threading.get_ident()
 
+    shutdown_took = []
+
     def shut_later():
         poll_until(lambda: transport._io_owner == main, TIMEOUT, "the main thread to lead")
+        begin = time.monotonic()
         ctx.group.shutdown()
+        shutdown_took.append(time.monotonic() - begin)
 
     closer = threading.Thread(target=shut_later)
     closer.start()
@@ -170,13 +205,16 @@ def _shutdown_wakes_the_leader(ctx):
         outcome = "GroupShutdownError"
     took = time.monotonic() - start
     closer.join(TIMEOUT)
-    return outcome, took
+    return outcome, took, shutdown_took
 
 
 def test_a_shutdown_from_another_thread_ends_a_leading_get(cluster):
-    outcome, took = cluster.run(_shutdown_wakes_the_leader, 2)[0]
+    """The get raises at once, and the shutdown does not wait for the I/O thread
+    in vain (the leader must not swallow the I/O thread's wake-up)."""
+    outcome, took, shutdown_took = cluster.run(_shutdown_wakes_the_leader, 2)[0]
     assert outcome == "GroupShutdownError"
-    assert took < 5.0, took
+    assert took < 3.0, took
+    assert shutdown_took and shutdown_took[0] < 3.0, shutdown_took
 
 
 N_CTRL_C = 300
