@@ -20,7 +20,7 @@ import pytest
 from cluster import poll_until
 from test_leaving import _transport_pair
 
-from moodist import GroupShutdownError, Queue
+from moodist import Empty, GroupShutdownError, Queue
 from moodist.futures import Future
 from moodist.items import ItemKind, decode, object_item
 from moodist.storage import Storage
@@ -215,6 +215,41 @@ def test_a_shutdown_from_another_thread_ends_a_leading_get(cluster):
     assert outcome == "GroupShutdownError"
     assert took < 3.0, took
     assert shutdown_took and shutdown_took[0] < 3.0, shutdown_took
+
+
+def _timer_armed_by_a_leader(ctx):
+    """Rank 0 asks for an item of rank 1's empty queue with a 1.5 s timeout
+    while rank 1's main thread leads (a 0.5 s get on another queue): the
+    host's timer for that request is armed by the leader, which then lets go
+    and sleeps outside moodist.  The I/O thread must still run the timer on
+    time: rank 0 hears Empty after 1.5 s, not at its guard (several seconds
+    later, as a lost host)."""
+    q = Queue(ctx.group, location=1, name="timed")
+    other = Queue(ctx.group, location=1, name="other")
+    ctx.barrier("start")
+    if ctx.rank == 1:
+        try:
+            other.get_object(timeout=0.5)  # (leads: handles rank 0's request)
+        except Empty:
+            pass
+        time.sleep(3.0)  # not in moodist: the I/O thread alone runs the loop
+        ctx.barrier("done")
+        return None
+    start = time.monotonic()
+    try:
+        q.get_object(timeout=1.5)
+        outcome = "got something"
+    except Empty:
+        outcome = "Empty"
+    took = time.monotonic() - start
+    ctx.barrier("done")
+    return outcome, took
+
+
+def test_a_timer_armed_while_leading_runs_on_time_after_the_lead(cluster):
+    outcome, took = cluster.run(_timer_armed_by_a_leader, 2)[0]
+    assert outcome == "Empty"
+    assert 1.4 < took < 2.5, took
 
 
 N_CTRL_C = 300
