@@ -27,6 +27,8 @@ from typing import Any
 
 _holding = False  # the main thread is in a section that must not be split
 _pending = False  # a SIGINT came during it
+_depth = 0  # leads in progress on the main thread (a handler may wait on another group)
+_NESTED = object()  # what begin() returns to a lead inside a lead
 
 # Signals whose Python handlers commonly raise (SystemExit on SIGTERM, a timeout
 # on SIGALRM, ...).  Checked at each lead: a handful, as each check costs.
@@ -50,16 +52,22 @@ def begin() -> Any:
     """(Main thread.)  Hold SIGINT back and install the holding handler, for a
     lead.  Returns what to give back to :func:`end`, or None (nothing changed)
     if the main thread must not lead: a Python handler that could raise is
-    installed."""
-    global _holding
+    installed.  A lead inside a lead (a handler that waits on another group)
+    changes nothing: the outer one holds SIGINT back until it ends."""
+    global _holding, _depth
+    if _depth:
+        _depth += 1
+        return _NESTED
     previous = signal.getsignal(signal.SIGINT)
-    ours = previous is signal.default_int_handler or previous is _on_sigint
-    if callable(previous) and not ours:
+    if previous is _on_sigint:  # left installed by a Ctrl-C inside end()
+        previous = signal.default_int_handler
+    elif callable(previous) and previous is not signal.default_int_handler:
         return None
     for signum in _OTHERS:
         if callable(signal.getsignal(signum)):
             return None
     _holding = True
+    _depth = 1
     if previous is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
     return previous if previous is not None else signal.SIG_DFL
@@ -68,29 +76,33 @@ def begin() -> Any:
 def end(previous: Any) -> None:
     """(Main thread.)  End the lead :func:`begin` started: give SIGINT its
     handler back, then raise the KeyboardInterrupt held back, if any."""
-    global _holding
-    if previous is signal.default_int_handler and signal.getsignal(signal.SIGINT) is _on_sigint:
+    global _holding, _depth, _pending
+    if previous is _NESTED:
+        _depth -= 1
+        return
+    _holding = False  # (a Ctrl-C from here raises at once)
+    _depth = 0
+    held, _pending = _pending, False
+    if previous is signal.default_int_handler:
         signal.signal(signal.SIGINT, previous)
-    _holding = False
-    _raise_held()
+    if held:
+        raise KeyboardInterrupt
 
 
 def allow() -> None:
     """(Main thread, leading.)  Let SIGINT interrupt (around a sleep in poll);
-    raise the KeyboardInterrupt held back, if any."""
-    global _holding
+    raise the KeyboardInterrupt held back, if any.  Not inside an outer lead."""
+    global _holding, _pending
+    if _depth != 1:
+        return
     _holding = False
-    _raise_held()
+    if _pending:
+        _pending = False
+        raise KeyboardInterrupt
 
 
 def hold() -> None:
     """(Main thread, leading.)  Hold SIGINT back again, after :func:`allow`."""
     global _holding
-    _holding = True
-
-
-def _raise_held() -> None:
-    global _pending
-    if _pending:
-        _pending = False
-        raise KeyboardInterrupt
+    if _depth == 1:
+        _holding = True

@@ -16,10 +16,11 @@ Threads (leader/follower):
   it waits, if nobody else does: a message then wakes the thread that wants
   it, with no hand-off between threads.  Other waiters wait as before; the
   leader's handlers wake them.
-* Otherwise a background I/O thread runs it.  It sleeps in ``poll`` on the
-  sockets' file descriptors without holding the lock, and takes the lock only
-  to handle what came (while a leader holds it, it waits for the lock: the
-  leader does the work).  When idle, nothing polls busily.  An exception in a
+* Otherwise a background I/O thread runs it.  It sleeps on the sockets' file
+  descriptors (an epoll set, see :mod:`moodist.watch`) without holding the
+  lock, and takes the lock only to handle what came; a leader mutes that set
+  while it runs the loop, so the messages it waits for wake it alone.  When
+  idle, nothing polls busily.  An exception in a
   callback is logged; it never stops the loop.
 * Any thread may call :meth:`Transport.send`; each DEALER has its own lock and
   is never polled, so no thread touches a socket the loop polls.
@@ -110,6 +111,9 @@ _HOLD_MAX_BYTES = 1 << 18  # held (coalesced) message bodies beyond this go out 
 _BYE_LINGER = 0.2
 # A thread about to lead waits this long for the I/O thread to finish a step.
 _IO_STEP_WAIT = 0.01
+# The I/O thread, woken just before a leader took the loop, waits for the lock
+# in slices this long, to see a close (which the leader itself may be running).
+_IO_LOCK_WAIT = 0.1
 _counter = itertools.count()
 
 
@@ -174,14 +178,6 @@ class _Timers:
         with self._lock:
             self._drop_cancelled_top()
             return self._heap[0].deadline if self._heap else None
-
-    def next_delay(self) -> float | None:
-        """Seconds until the first timer expires (None: no timer)."""
-        with self._lock:
-            self._drop_cancelled_top()
-            if not self._heap:
-                return None
-            return self._heap[0].deadline - time.monotonic()
 
     def pop_due(self, now: float) -> _Timer | None:
         with self._lock:
@@ -338,13 +334,17 @@ class Transport:
             self._closing = True
         self._wake()  # the loop's holder
         self._watch.alarm()  # the I/O thread, even while a leader holds the loop
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if (self._thread.is_alive() and threading.current_thread() is not self._thread
+                and not self.holds_io()):
             self._thread.join(timeout=5)
         # The sockets are ours once the I/O thread has stopped and no leader runs
-        # the loop (a leader lets go as soon as it sees closing).  Then no
-        # message is handled after the BYE says what was.  (Without the lock, a
-        # batch of received messages may be half handled: zmq's linger only.)
-        owned = self._io_owner != threading.get_ident() and self._io_lock.acquire(timeout=5)
+        # the loop (another thread's lead lets go as soon as it sees closing).
+        # Then no message is handled after the BYE says what was.  (Without the
+        # lock, e.g. closing from a handler, a batch of received messages may be
+        # half handled: zmq's linger only.)
+        owned = not self.holds_io() and self._io_lock.acquire(timeout=5)
+        if owned:
+            self._io_owner = threading.get_ident()  # (nothing waits for a message now)
         with self._peers_lock:
             peers = list(self._peers.values())
             self._closed = True
@@ -374,9 +374,10 @@ class Transport:
                 _call_all(callbacks, error)
             self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
             if owned:
+                self._io_owner = None
                 self._io_lock.release()  # (a later leader sees closing and leaves at once)
             if not self._thread.is_alive():
-                self._watch.close()
+                self._watch.close()  # (else the I/O thread does, as it stops)
             if self.shm is not None:
                 self.shm.close(grace=linger)
 
@@ -510,10 +511,11 @@ class Transport:
     def _post(self, peer: _Peer, frames: list[Any]) -> None:
         """(Under ``peer.lock``.)  Hand ``frames`` to ``peer``'s DEALER; never
         blocks.  With no connection to queue them on (between a failed
-        handshake and the reconnect, zmq has none) they are dropped: a data
-        message stays in the outbox until a SYNC finds it missing, and a
-        control message is sent again when it matters (a LOST notice, an
-        ACK that a SYNC asks for)."""
+        handshake and the reconnect, zmq has none) they are dropped, as a
+        broken connection would lose them: a data message stays in the outbox
+        until a SYNC finds it missing; an ACK, a NACK and a LOST notice are
+        sent again when a SYNC or the next message asks; a BYE is not (the
+        peer then takes the leaver for lost, after ``peer_timeout / 2``)."""
         try:
             peer.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -609,15 +611,23 @@ class Transport:
         # Sleep on the sockets' descriptors (see moodist.watch), not on the
         # sockets, so that the lock is free while nothing happens: a thread
         # that blocks takes it without waking this one.
+        try:
+            self._serve()
+        finally:
+            if self._closing:
+                self._watch.close()
+
+    def _serve(self) -> None:
         while not self._closing:
             try:
-                first = self._timers.next_deadline()
+                first = self._timers.next_deadline()  # (one reading: a leader compares)
                 self._io_sleeps_until = math.inf if first is None else first
-                self._watch.wait(self._poll_timeout_ms())
+                self._watch.wait(-1 if first is None else _ms_until(first))
                 if self._closing:
-                    break
-                if not self._io_lock.acquire(blocking=False):
-                    self._io_lock.acquire()  # a leader runs the loop; it lets go when done
+                    return
+                while not self._io_lock.acquire(timeout=_IO_LOCK_WAIT):
+                    if self._closing:  # (the leader may be the thread that closes)
+                        return
                 self._io_owner = threading.get_ident()
                 try:
                     while self._io_step(0) and not self._closing:
@@ -629,6 +639,8 @@ class Transport:
                 return
             except Exception:  # a bug: say so, and keep serving
                 log.exception("moodist: error on the I/O thread (it keeps running)")
+                if self._closing:
+                    return
 
     def _sockets(self) -> tuple[int, list[zmq.Socket[Any]]]:
         """Every socket the loop polls, and the version of that list."""
@@ -680,7 +692,9 @@ class Transport:
         thread runs it now.  Returns False at once if this thread cannot lead
         (another does, the transport is closing, this thread is already in
         the loop, or it is the main thread with a Python signal handler that
-        could raise): then wait as usual; a leader's handlers wake you.
+        could raise; if the I/O thread is finishing a step, it first waits up
+        to _IO_STEP_WAIT for it): then wait as usual; a leader's handlers wake
+        you.
 
         Whoever makes ``ready()`` true from another thread calls
         :meth:`nudge`.  Handlers of inbound messages run on this thread while
@@ -748,10 +762,8 @@ class Transport:
         return self._io_owner == threading.get_ident()
 
     def _poll_timeout_ms(self) -> int:
-        delay = self._timers.next_delay()
-        if delay is None:
-            return -1
-        return max(0, int(min(delay, 3600.0) * 1000) + 1)
+        first = self._timers.next_deadline()
+        return -1 if first is None else _ms_until(first)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -1017,6 +1029,11 @@ class Transport:
 
 def _ignore(_frames: list[Any]) -> None:
     pass
+
+
+def _ms_until(deadline: float) -> int:
+    """A poll timeout (ms) that does not wake before ``deadline`` (monotonic)."""
+    return max(0, int(min(deadline - time.monotonic(), 3600.0) * 1000) + 1)
 
 
 def _call_all(callbacks: list[OnDone], error: BaseException | None) -> None:

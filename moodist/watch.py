@@ -26,8 +26,8 @@ import threading
 
 
 class Watch:
-    """Descriptors the I/O thread sleeps on.  ``add`` and ``mute``/``unmute``:
-    any thread; ``wait``: the I/O thread only."""
+    """Descriptors the I/O thread sleeps on.  ``add``, ``mute``/``unmute`` and
+    ``alarm``: any thread, no-ops once closed; ``wait``: the I/O thread only."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -49,22 +49,26 @@ class Watch:
     def add(self, fd: int) -> None:
         """Watch ``fd`` (readable) from now on."""
         with self._lock:
+            if self._closed:
+                return
             if self._inner is not None:
                 self._inner.register(fd, select.EPOLLIN)
-            else:  # pragma: no cover - (a poll in progress does not see it: restart it)
-                self._poll.register(fd, select.POLLIN)  # type: ignore[union-attr]
-                self.alarm()
+                return
+            self._poll.register(fd, select.POLLIN)  # type: ignore[union-attr]
+        self.alarm()  # pragma: no cover - (a poll in progress does not see it: restart it)
 
     def mute(self) -> None:
         """Readiness of the descriptors no longer wakes :meth:`wait` (it keeps
         sleeping if it sleeps now)."""
-        if self._inner is not None:
-            self._outer.modify(self._inner.fileno(), 0)
+        with self._lock:
+            if self._inner is not None and not self._closed:
+                self._outer.modify(self._inner.fileno(), 0)
 
     def unmute(self) -> None:
         """Undo :meth:`mute`: a descriptor readable now wakes :meth:`wait`."""
-        if self._inner is not None:
-            self._outer.modify(self._inner.fileno(), select.EPOLLIN)
+        with self._lock:
+            if self._inner is not None and not self._closed:
+                self._outer.modify(self._inner.fileno(), select.EPOLLIN)
 
     def alarm(self) -> None:
         """Wake :meth:`wait`, muted or not.  Any thread; a no-op once closed."""
@@ -91,11 +95,14 @@ class Watch:
             pass
 
     def close(self) -> None:
-        """(Once the I/O thread has stopped.)"""
+        """(By the I/O thread as it stops, or once it has.)  Idempotent; later
+        calls of the other methods do nothing."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-        if self._inner is not None:
-            self._outer.close()
-            self._inner.close()
-        os.close(self._alarm_r)
-        os.close(self._alarm_w)
+            if self._inner is not None:
+                self._outer.close()
+                self._inner.close()
+            os.close(self._alarm_r)
+            os.close(self._alarm_w)

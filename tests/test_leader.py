@@ -147,6 +147,54 @@ def test_a_get_served_while_it_tried_to_lead_returns_at_once():
     assert time.monotonic() - start < 2.0  # not at its timeout (and not empty-handed)
 
 
+def test_ctrl_c_is_held_back_through_nested_leads_and_raised_at_the_outer_end():
+    """A handler of the main thread's lead may wait on another group (a nested
+    lead): the inner lead must not let SIGINT through, and the outer one raises
+    the KeyboardInterrupt held back once it ends, with SIGINT's handler given back."""
+    from moodist import interrupts
+
+    alarm = signal.signal(signal.SIGALRM, signal.SIG_DFL)  # (pytest-timeout's, put back below)
+    try:
+        outer = interrupts.begin()
+        assert outer is signal.default_int_handler
+        inner = interrupts.begin()
+        interrupts.allow()  # the inner lead sleeps in poll: SIGINT stays held back
+        signal.raise_signal(signal.SIGINT)
+        interrupts.hold()
+        interrupts.end(inner)  # nothing raised yet: the outer lead goes on
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.end(outer)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGALRM, alarm)
+
+
+def test_the_watch_without_epoll_wakes_on_its_alarm_and_new_descriptors(monkeypatch):
+    """Where there is no epoll (macOS), muting is a no-op and adding a
+    descriptor restarts a wait in progress; nothing deadlocks."""
+    import os
+    import select
+
+    from moodist.watch import Watch
+
+    monkeypatch.delattr(select, "epoll", raising=False)
+    watch = Watch()
+    r, w = os.pipe()
+    try:
+        watch.add(r)  # (it used to take its own lock twice)
+        watch.mute()
+        os.write(w, b"x")
+        start = time.monotonic()
+        watch.wait(5000)
+        assert time.monotonic() - start < 2.0
+        watch.close()
+        watch.alarm()  # no-ops once closed
+        watch.add(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 # ---------------------------------------------------------------------------- in ranks
 
 
