@@ -97,14 +97,21 @@ def test_one_leader_at_a_time_and_none_inside_the_loop():
         b.close()
 
 
-class _Loop:
-    """A Leader whose message loop is running on this thread."""
+class _NoLead:
+    """A Leader that never leads (its waiters wait as followers)."""
 
     def lead_until(self, ready, deadline) -> bool:
         return False
 
     def nudge(self) -> None:
         pass
+
+    def holds_io(self) -> bool:
+        return False
+
+
+class _Loop(_NoLead):
+    """A Leader whose message loop is running on this thread."""
 
     def holds_io(self) -> bool:
         return True
@@ -118,7 +125,7 @@ def test_waiting_for_a_future_inside_the_message_loop_raises_instead_of_hanging(
     assert fut.result() == 7  # done: nothing to wait for
 
 
-class _ServedWhileLetGo:
+class _ServedWhileLetGo(_NoLead):
     """A Leader that cannot lead, but meanwhile (the storage's lock let go)
     another thread puts an item, which goes straight to the waiting getter."""
 
@@ -129,12 +136,6 @@ class _ServedWhileLetGo:
         putter = threading.Thread(target=self.storage.put, args=([object_item("x")],))
         putter.start()
         putter.join()
-        return False
-
-    def nudge(self) -> None:
-        pass
-
-    def holds_io(self) -> bool:
         return False
 
 
