@@ -86,6 +86,9 @@ class _LocalPutter(Putter):
     def fail(self, error: BaseException) -> None:
         self.error = error
 
+    def settled(self) -> bool:
+        return self.admitted or self.error is not None
+
 
 class _LocalGetter(Getter):
     __slots__ = ("result", "error")
@@ -228,16 +231,17 @@ class Storage:
             self._putters.append(putter)
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                while not putter.admitted and putter.error is None:
+                while not putter.settled():
+                    if deadline is not None and deadline <= time.monotonic():
+                        self._putters.remove(putter)
+                        self._serve()  # the next putter may fit where this one did not
+                        return False
+                    if self._lead(putter.settled, deadline) or putter.settled():
+                        continue  # (room came while the lock was let go)
                     if deadline is None:
                         self._cond.wait()
                     else:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            self._putters.remove(putter)
-                            self._serve()  # the next putter may fit where this one did not
-                            return False
-                        self._cond.wait(remaining)
+                        self._cond.wait(deadline - time.monotonic())
             except BaseException as e:
                 if not putter.admitted and putter.error is None:
                     self._putters.remove(putter)
@@ -416,11 +420,24 @@ class Storage:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the queue holds an item; False if ``timeout`` expired."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            ready = self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            while not (self._items or self._closed):
+                if deadline is not None and deadline <= time.monotonic():
+                    break
+                if self._lead(self._has_news, deadline) or self._has_news():
+                    continue
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    self._cond.wait(deadline - time.monotonic())
             if self._closed is not None:
                 raise self._closed
-            return bool(ready)
+            return bool(self._items)
+
+    def _has_news(self) -> bool:
+        """(Read without the lock, by a waiter leading the loop.)"""
+        return bool(self._items) or self._closed is not None
 
     def close(self, error: BaseException) -> None:
         """Wake every local getter and waiter with ``error``; later gets raise it.

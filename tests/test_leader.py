@@ -301,6 +301,59 @@ def test_a_timer_armed_while_leading_runs_on_time_after_the_lead(cluster):
     assert 1.4 < took < 2.5, took
 
 
+def _bounded_put_and_wait_lead(ctx):
+    """Rank 0 hosts a bounded queue (maxsize 1, full) and an empty one.  Its
+    main thread blocks in a local put to the full queue (room comes from rank
+    1's remote get), then in ``wait()`` on the empty one (an item comes from
+    rank 1's put): both messages are handled on rank 0's main thread."""
+    bounded = Queue(ctx.group, location=0, name="bounded", maxsize=1)
+    empty = Queue(ctx.group, location=0, name="empty")
+    if ctx.rank == 0:
+        bounded.put_object("first").wait()
+    ctx.barrier("full")
+    if ctx.rank == 1:
+        ctx.fetch("blocked")  # rank 0's main thread leads, in its put
+        got = bounded.get_object(timeout=TIMEOUT)
+        ctx.barrier("put done")
+        empty.put_object("news").wait()
+        ctx.barrier("done")
+        return got
+    transport = ctx.group.node.transport
+    main = threading.get_ident()
+    on_main = [0]
+    dispatch = transport._dispatch
+
+    def counting_dispatch(frames):
+        if threading.get_ident() == main:
+            on_main[0] += 1
+        dispatch(frames)
+
+    transport._dispatch = counting_dispatch
+
+    def tell_when_blocked():
+        poll_until(lambda: transport._io_owner == main, TIMEOUT, "the put to lead")
+        ctx.publish("blocked", "1")
+
+    teller = threading.Thread(target=tell_when_blocked)
+    teller.start()
+    bounded.put_object("second", timeout=TIMEOUT).wait()  # blocks until rank 1 takes one
+    teller.join(TIMEOUT)
+    handled_in_put = on_main[0]
+    ctx.barrier("put done")
+    waited = empty.wait(timeout=TIMEOUT)
+    handled_in_wait = on_main[0] - handled_in_put
+    transport._dispatch = dispatch
+    ctx.barrier("done")
+    return handled_in_put, waited, handled_in_wait
+
+
+def test_a_local_bounded_put_and_a_wait_lead_the_loop_too(cluster):
+    (handled_in_put, waited, handled_in_wait), got = cluster.run(_bounded_put_and_wait_lead, 2)
+    assert got == "first"
+    assert handled_in_put > 0  # the remote get that made room, on the waiting thread
+    assert waited is True and handled_in_wait > 0
+
+
 N_CTRL_C = 300
 
 
