@@ -301,6 +301,25 @@ def test_a_timer_armed_while_leading_runs_on_time_after_the_lead(cluster):
     assert 1.4 < took < 2.5, took
 
 
+def _count_calls_on_this_thread(transport, name, then=None):
+    """Wrap ``transport.<name>`` so that its calls on this thread are counted
+    (``then(count)`` after each).  Returns the count (a 1-list) and a restore."""
+    me = threading.get_ident()
+    count = [0]
+    original = getattr(transport, name)
+
+    def counted(*args):
+        result = original(*args)
+        if threading.get_ident() == me:
+            count[0] += 1
+            if then is not None:
+                then(count[0])
+        return result
+
+    setattr(transport, name, counted)
+    return count, lambda: setattr(transport, name, original)
+
+
 def _bounded_put_and_wait_lead(ctx):
     """Rank 0 hosts a bounded queue (maxsize 1, full) and an empty one.  Its
     main thread blocks in a local put to the full queue (room comes from rank
@@ -320,15 +339,7 @@ def _bounded_put_and_wait_lead(ctx):
         return got
     transport = ctx.group.node.transport
     main = threading.get_ident()
-    on_main = [0]
-    dispatch = transport._dispatch
-
-    def counting_dispatch(frames):
-        if threading.get_ident() == main:
-            on_main[0] += 1
-        dispatch(frames)
-
-    transport._dispatch = counting_dispatch
+    on_main, restore = _count_calls_on_this_thread(transport, "_dispatch")
 
     def tell_when_blocked():
         poll_until(lambda: transport._io_owner == main, TIMEOUT, "the put to lead")
@@ -342,7 +353,7 @@ def _bounded_put_and_wait_lead(ctx):
     ctx.barrier("put done")
     waited = empty.wait(timeout=TIMEOUT)
     handled_in_wait = on_main[0] - handled_in_put
-    transport._dispatch = dispatch
+    restore()
     ctx.barrier("done")
     return handled_in_put, waited, handled_in_wait
 
@@ -375,18 +386,12 @@ def _ctrl_c_in_handlers(ctx):
         return None
     transport = ctx.group.node.transport
     main = threading.get_ident()
-    sent = [0]
-    on_message = transport._on_message
 
-    def interrupting_on_message(rank, frames):
-        result = on_message(rank, frames)
-        if threading.get_ident() == main:
-            sent[0] += 1
-            if sent[0] % 2:
-                signal.pthread_kill(main, signal.SIGINT)  # lands before the handling ends
-        return result
+    def interrupt_every_other(count):
+        if count % 2:
+            signal.pthread_kill(main, signal.SIGINT)  # lands before the handling ends
 
-    transport._on_message = interrupting_on_message
+    sent, restore = _count_calls_on_this_thread(transport, "_on_message", interrupt_every_other)
     got: dict[str, list] = {"local": [], "remote": []}
     interrupts = 0
     for name, q in (("local", local_q), ("remote", remote_q)):
@@ -397,7 +402,7 @@ def _ctrl_c_in_handlers(ctx):
                 interrupts += 1
                 continue
             got[name].append(item)
-    transport._on_message = on_message
+    restore()
     restored = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     ctx.barrier("done")
     return got, interrupts, (sent[0] + 1) // 2, restored
