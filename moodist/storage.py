@@ -182,8 +182,8 @@ class Storage:
     """The items of one queue at its host.  Thread safe."""
 
     def __init__(self, qid: str, leader: Leader | None = None) -> None:
-        """``leader``: a local get that blocks runs the message loop while it
-        waits, if it can (see :class:`moodist.futures.Leader`)."""
+        """``leader``: a local get, bounded put or wait that blocks runs the
+        message loop while it waits, if it can (see :class:`moodist.futures.Leader`)."""
         self.qid = qid
         self._leader = leader
         # The queue's parameters as first declared (by its host's Queue or the
@@ -231,17 +231,10 @@ class Storage:
             self._putters.append(putter)
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                while not putter.settled():
-                    if deadline is not None and deadline <= time.monotonic():
-                        self._putters.remove(putter)
-                        self._serve()  # the next putter may fit where this one did not
-                        return False
-                    if self._lead(putter.settled, deadline) or putter.settled():
-                        continue  # (room came while the lock was let go)
-                    if deadline is None:
-                        self._cond.wait()
-                    else:
-                        self._cond.wait(deadline - time.monotonic())
+                if not self._wait_until(putter.settled, deadline):
+                    self._putters.remove(putter)
+                    self._serve()  # the next putter may fit where this one did not
+                    return False
             except BaseException as e:
                 if not putter.admitted and putter.error is None:
                     self._putters.remove(putter)
@@ -287,16 +280,9 @@ class Storage:
             self._getters.append(getter)
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                while getter.result is None and getter.error is None:
-                    if deadline is not None and deadline <= time.monotonic():
-                        self._getters.remove(getter)
-                        return None
-                    if self._lead(getter.settled, deadline) or getter.settled():
-                        continue  # (served by a leader while the lock was let go)
-                    if deadline is None:
-                        self._cond.wait()
-                    else:
-                        self._cond.wait(deadline - time.monotonic())
+                if not self._wait_until(getter.settled, deadline):
+                    self._getters.remove(getter)
+                    return None
             except BaseException:
                 self._abandon(getter)
                 raise
@@ -304,9 +290,23 @@ class Storage:
                 raise getter.error
             return getter.result
 
+    def _wait_until(self, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """(Under the lock.)  Block until ``ready()`` (True) or ``deadline``
+        (False; None: no limit).  While it can, this thread runs the message
+        loop meanwhile, the lock let go (see :class:`moodist.futures.Leader`);
+        else it waits on the condition.  ``ready`` is also read without the lock."""
+        while not ready():
+            if deadline is not None and deadline <= time.monotonic():
+                return False
+            if self._lead(ready, deadline) or ready():
+                continue  # (it may have been served while the lock was let go)
+            self._cond.wait(None if deadline is None else deadline - time.monotonic())
+        return True
+
     def _lead(self, ready: Callable[[], bool], deadline: float | None) -> bool:
-        """(Under the lock.)  Wait by running the message loop on this thread,
-        the lock released meanwhile; False if this thread cannot lead now."""
+        """(Under the lock.)  Run the message loop on this thread until
+        ``ready()`` or ``deadline``, the lock let go meanwhile; False if this
+        thread cannot lead now."""
         if self._leader is None:
             return False
         self._cond.release()
@@ -422,21 +422,12 @@ class Storage:
         """Block until the queue holds an item; False if ``timeout`` expired."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not (self._items or self._closed):
-                if deadline is not None and deadline <= time.monotonic():
-                    break
-                if self._lead(self._has_news, deadline) or self._has_news():
-                    continue
-                if deadline is None:
-                    self._cond.wait()
-                else:
-                    self._cond.wait(deadline - time.monotonic())
+            self._wait_until(self._has_news, deadline)
             if self._closed is not None:
                 raise self._closed
             return bool(self._items)
 
     def _has_news(self) -> bool:
-        """(Read without the lock, by a waiter leading the loop.)"""
         return bool(self._items) or self._closed is not None
 
     def close(self, error: BaseException) -> None:

@@ -20,8 +20,8 @@ Threads (leader/follower):
   descriptors (an epoll set, see :mod:`moodist.watch`) without holding the
   lock, and takes the lock only to handle what came; a leader mutes that set
   while it runs the loop, so the messages it waits for wake it alone.  When
-  idle, nothing polls busily.  An exception in a
-  callback is logged; it never stops the loop.
+  idle, nothing polls busily.  An exception in a callback is logged; it never
+  stops the loop.
 * Any thread may call :meth:`Transport.send`; each DEALER has its own lock and
   is never polled, so no thread touches a socket the loop polls.
 
@@ -231,9 +231,10 @@ class Transport:
     ``on_message``, ``on_peer_lost`` and the ``on_done`` callbacks of sends run
     on the thread that runs the message loop (the I/O thread or a leader; see
     :meth:`lead_until`) or the thread that closes the transport, one at a
-    time, and must not block.  ``on_message`` returns True when its sender waits for the
-    acknowledgement (then it is sent after the batch, if no message carried it
-    first); other acknowledgements ride on later traffic or answer a SYNC.
+    time, and must not block.  ``on_message`` returns True when its sender
+    waits for the acknowledgement (then it is sent after the batch, if no
+    message carried it first); other acknowledgements ride on later traffic
+    or answer a SYNC.
     """
 
     def __init__(
@@ -564,8 +565,11 @@ class Transport:
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
         """Run ``fn`` in the message loop after ``delay`` seconds; ``.cancel()`` it."""
         timer, first = self._timers.push(delay, fn)
-        if first and threading.current_thread() is not self._thread:
-            self._wake()  # whoever runs the loop, or will, may sleep past it
+        if first and not self.holds_io():
+            # Whoever runs the loop, or will, may sleep past it.  (The holder
+            # reads the timers before it sleeps again; a leader that lets go
+            # sounds the I/O thread's alarm for a timer it would sleep past.)
+            self._wake()
         return timer
 
     def _wake(self) -> None:
@@ -725,10 +729,9 @@ class Transport:
             while not self._closing and not ready():
                 timeout_ms = 0 if more else self._poll_timeout_ms()
                 if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                    if deadline <= time.monotonic():
                         break
-                    left_ms = int(left * 1000) + 1
+                    left_ms = _ms_until(deadline)
                     timeout_ms = left_ms if timeout_ms < 0 else min(timeout_ms, left_ms)
                 try:
                     more = self._io_step(timeout_ms, hold_interrupts=main)

@@ -7,9 +7,9 @@ waits for wake it alone, and unmutes it when it lets go: input that came
 meanwhile and is still unread then wakes the I/O thread at once.  On Linux
 this is an epoll set of the descriptors, itself watched by a second epoll
 set; muting takes the first out of the second, which never wakes the
-sleeping thread.  Elsewhere muting does nothing: each
-message a leader handles may wake the I/O thread too, which then waits for
-the lock (correct, only slower).
+sleeping thread.  Elsewhere (macOS: ``select.poll``) muting does nothing:
+each message a leader handles may wake the I/O thread too, which then waits
+for the lock (correct, only slower).
 
 A zmq socket's descriptor signals new input (edge triggered): whoever runs the
 loop reads each socket it polled until it is empty before it lets go, or else
@@ -41,7 +41,7 @@ class Watch:
             self._outer.register(self._inner.fileno(), select.EPOLLIN)
             self._outer.register(self._alarm_r, select.EPOLLIN)
             self._poll = None
-        else:  # pragma: no cover - no epoll (macOS, Windows): muting is a no-op
+        else:  # no epoll (macOS): muting is a no-op
             self._inner = None
             self._poll = select.poll()
             self._poll.register(self._alarm_r, select.POLLIN)
@@ -55,7 +55,7 @@ class Watch:
                 self._inner.register(fd, select.EPOLLIN)
                 return
             self._poll.register(fd, select.POLLIN)  # type: ignore[union-attr]
-        self.alarm()  # pragma: no cover - (a poll in progress does not see it: restart it)
+        self.alarm()  # (a poll in progress does not see it: restart it)
 
     def mute(self) -> None:
         """Readiness of the descriptors no longer wakes :meth:`wait` (it keeps
@@ -86,7 +86,7 @@ class Watch:
         timeout = None if timeout_ms < 0 else timeout_ms / 1000
         if self._inner is not None:
             self._outer.poll(timeout)
-        else:  # pragma: no cover
+        else:
             self._poll.poll(timeout_ms)  # type: ignore[union-attr]
         try:
             while os.read(self._alarm_r, 4096):
