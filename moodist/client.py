@@ -71,6 +71,23 @@ class _Fanout:
         self.error: BaseException | None = None
 
 
+class _AckedRequest(Future):
+    """A request the channel's acknowledgement completes (a put): the Future is
+    its own ``on_done``, so that a put in flight costs no closure (every
+    object a put keeps alive until acknowledged is work for Python's cyclic
+    garbage collector, whose full passes scan them all)."""
+
+    __slots__ = ("_client", "_rid")
+
+    def __init__(self, peer: int, leader: Leader, client: Client, rid: int) -> None:
+        super().__init__(peer, leader)
+        self._client = client
+        self._rid = rid
+
+    def __call__(self, error: BaseException | None) -> None:
+        self._client._complete(self._rid, error=error)
+
+
 class Client:
     """Requests from this rank to other ranks.  Thread safe."""
 
@@ -99,10 +116,14 @@ class Client:
         if self._closed is not None:
             raise self._closed
         rid = next(self._ids)
-        fut = Future(peer, self.transport)
+        fut: Future
+        on_done: _AckedRequest | None = None
+        if acked:
+            fut = on_done = _AckedRequest(peer, self.transport, self, rid)
+        else:
+            fut = Future(peer, self.transport)
         with self._lock:
             self._pending[rid] = fut
-        on_done = (lambda error: self._complete(rid, error=error)) if acked else None
         if not self.transport.send(peer, build(rid), on_done):
             with self._lock:
                 self._pending.pop(rid, None)
@@ -160,6 +181,13 @@ class Client:
             if mismatch:
                 self.copy_stored(self.rank, rid, QueueMismatchError(mismatch))
         return fan.future
+
+    def deliveries(self) -> list[Future]:
+        """This rank's puts not yet stored everywhere they go (plain puts and
+        multicast puts), e.g. for a shutdown to give them time to finish."""
+        with self._lock:
+            return [*(fut for fut in self._pending.values() if isinstance(fut, _AckedRequest)),
+                    *(fan.future for fan in self._fanouts.values())]
 
     def copy_stored(self, rank: int, rid: int, error: BaseException | None = None) -> None:
         """Copy ``rank`` has stored (or refused) this rank's multicast put ``rid``."""

@@ -34,6 +34,12 @@ _MAX_BATCH = 1 << 16
 INLINE_MAX = 8192
 _INLINE = 1 << 63
 _SHM = 1 << 62
+# Inline frames shorter than this are received as bytes, not as views into the
+# message: as cheap to make, and a received item kept in a queue is then no
+# work for Python's cyclic garbage collector (a memoryview is tracked by it,
+# bytes are not; at tens of thousands of messages a second its full passes
+# were a third of a receiver's time).
+COPY_BELOW = 512
 _MAX_FRAMES = 1 << 20
 
 # control codes
@@ -61,9 +67,12 @@ class LostFrame:
         return 0
 
 
+_NO_FRAMES: tuple[Any, ...] = ()  # (kept by the outbox: an empty list each would cost GC work)
+
+
 def encode_body(frames: Sequence[Any],
                 export: Callable[[Any, int], bytes | None] | None = None
-                ) -> tuple[bytes, list[Any]]:
+                ) -> tuple[bytes, Sequence[Any]]:
     """``(body, large frames)`` for ``frames`` (buffers); see the module doc.
 
     ``export(frame, nbytes)``, if given, may turn a large frame into a
@@ -84,7 +93,7 @@ def encode_body(frames: Sequence[Any],
             lengths.append(n)
             large.append(frame)
     table = _COUNT.pack(len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths)
-    return b"".join([table, *inline]), large
+    return b"".join([table, *inline]), large or _NO_FRAMES
 
 
 def head(control: int, seq: int, ack: int) -> bytes:
@@ -116,10 +125,10 @@ def decode_body(zframes: Sequence[Any],
                 attach: Callable[[memoryview], Any] | None = None) -> list[Any]:
     """The frames of a DATA message (the inverse of :func:`encode`).
 
-    Inline frames are memoryviews into the received zmq frame (no copy);
-    large ones are the zmq.Frames themselves; shared-memory ones are what
-    ``attach(descriptor)`` returns, called once the whole table has been
-    checked, or a :class:`LostFrame` if it raises ValueError.  Raises
+    Inline frames are memoryviews into the received zmq frame (no copy), or
+    bytes below ``COPY_BELOW``; large ones are the zmq.Frames themselves;
+    shared-memory ones are what ``attach(descriptor)`` returns, called once
+    the whole table has been checked, or a :class:`LostFrame` if it raises ValueError.  Raises
     ValueError if the table does not match what arrived."""
     if not zframes:
         raise ValueError("empty message")
@@ -188,7 +197,7 @@ def _decode_region(view: memoryview, pos: int, end: int, large: Any,
             n &= ~(_INLINE | _SHM)
             if pos + n > end:
                 raise ValueError("inline frame runs past the message")
-            frames.append(view[pos : pos + n])
+            frames.append(view[pos : pos + n].tobytes() if n < COPY_BELOW else view[pos : pos + n])
             pos += n
         else:
             frame = next(large, None)

@@ -25,6 +25,12 @@ import threading
 from types import FrameType
 from typing import Any
 
+try:  # the C functions, called at each lead: signal's own wrap them (enum conversions)
+    from _signal import getsignal as _getsignal  # type: ignore[import-not-found]
+    from _signal import signal as _setsignal
+except ImportError:  # pragma: no cover - not CPython
+    _getsignal, _setsignal = signal.getsignal, signal.signal
+
 _holding = False  # the main thread is in a section that must not be split
 _pending = False  # a SIGINT came during it
 _depth = 0  # leads in progress on the main thread (a handler may wait on another group)
@@ -58,18 +64,18 @@ def begin() -> Any:
     if _depth:
         _depth += 1
         return _NESTED
-    previous = signal.getsignal(signal.SIGINT)
+    previous = _getsignal(signal.SIGINT)
     if previous is _on_sigint:  # left installed by a Ctrl-C inside end()
         previous = signal.default_int_handler
     elif callable(previous) and previous is not signal.default_int_handler:
         return None
     for signum in _OTHERS:
-        if callable(signal.getsignal(signum)):
+        if callable(_getsignal(signum)):
             return None
     _holding = True
     _depth = 1
     if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
+        _setsignal(signal.SIGINT, _on_sigint)
     return previous if previous is not None else signal.SIG_DFL
 
 
@@ -84,7 +90,7 @@ def end(previous: Any) -> None:
     _depth = 0
     held, _pending = _pending, False
     if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, previous)
+        _setsignal(signal.SIGINT, previous)
     if held:
         raise KeyboardInterrupt
 

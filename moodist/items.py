@@ -16,6 +16,7 @@ case the result gets its own copy.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ class Item:
 
     __slots__ = ("kind", "frames", "shared")
 
-    def __init__(self, kind: ItemKind, frames: list[Any], shared: bool = False) -> None:
+    def __init__(self, kind: ItemKind, frames: Sequence[Any], shared: bool = False) -> None:
         self.kind = kind
         self.frames = frames
         self.shared = shared

@@ -36,7 +36,6 @@ class Node:
     def __init__(self, rank: int, size: int, transport_factory: Callable[..., Transport]):
         self.rank = rank
         self.size = size
-        self._deliveries: set[Future] = set()  # puts and copies not yet acknowledged
         self._before_close: list[Callable[[float], object]] = []
         self._closed: BaseException | None = None
         self.transport = transport_factory(self._on_message, self._on_peer_lost)
@@ -71,18 +70,11 @@ class Node:
         """
         self._check_open()
         if route:
-            return self._track(self.client.put_multicast(ref, route, items, self.host))
+            return self.client.put_multicast(ref, route, items, self.host)
         if host != self.rank:
-            return self._track(self.client.put(host, ref, route, items))
+            return self.client.put(host, ref, route, items)
         self.host._storage_for(self.rank, ref).put(items)
         return Future.completed()
-
-    def _track(self, fut: Future) -> Future:
-        """Remember ``fut`` until done, so that close() lets it finish first."""
-        if not fut.done():
-            self._deliveries.add(fut)
-            fut.add_done_callback(self._deliveries.discard)
-        return fut
 
     def put_bounded(self, ref: QueueRef, host: int, items: list[Item], maxsize: int,
                     timeout: float | None) -> bool:
@@ -146,7 +138,7 @@ class Node:
         deadline = time.monotonic() + flush
         for hook in list(self._before_close):
             hook(max(0.0, deadline - time.monotonic()))
-        for fut in list(self._deliveries):
+        for fut in self.client.deliveries():
             try:
                 fut.result(max(0.0, deadline - time.monotonic()))
             except BaseException:  # its owner sees the error

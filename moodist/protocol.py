@@ -246,7 +246,7 @@ def decode_items(frames: Sequence[Any]) -> list[Item]:
             raise ProtocolError("wrong frame count for item")
         if pos + nframes > len(frames):
             raise ProtocolError("manifest promises more frames than sent")
-        item_frames = list(frames[pos : pos + nframes])
+        item_frames = tuple(frames[pos : pos + nframes])  # (of bytes only: untracked by the GC)
         for frame in item_frames:
             if isinstance(frame, LostFrame):
                 raise ProtocolError(f"a frame of this item was lost: {frame.reason}")
