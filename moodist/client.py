@@ -85,7 +85,10 @@ class _AckedRequest(Future):
         self._rid = rid
 
     def __call__(self, error: BaseException | None) -> None:
-        self._client._complete(self._rid, error=error)
+        client = self._client
+        with client._lock:
+            client._pending.pop(self._rid, None)
+        self.settle(error)
 
 
 class Client:
@@ -143,8 +146,8 @@ class Client:
     def put(self, host: int, ref: QueueRef, route: tuple[int, ...], items: list[Item]) -> Future:
         """Store ``items`` at ``host`` (for multicast, ``host`` is ``route[0]``,
         the sequencer).  Completes when stored (at every copy)."""
-        return self.request(host, lambda rid: protocol.encode_put(rid, ref, route, items),
-                            acked=not route)
+        return self._start(host, lambda rid: protocol.encode_put(rid, ref, route, items),
+                           acked=not route)[1]
 
     def put_multicast(self, ref: QueueRef, route: tuple[int, ...], items: list[Item],
                       host: Host) -> Future:

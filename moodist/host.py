@@ -252,6 +252,9 @@ class Host:
                 "leases": len(self._leases)}
 
     def _storage_for(self, rank: int, ref: QueueRef) -> Storage:
+        storage = self._storages.get(ref.qid)
+        if storage is not None and storage.spec == ref.spec:  # (every put and get)
+            return storage
         storage = self.storage(ref.qid)
         mismatch = storage.check_spec(ref.spec, rank)
         if mismatch is not None:

@@ -155,10 +155,12 @@ def parse(frames: Sequence[Any]) -> Message:
     kind = _KINDS.get(code)  # (a dict: Kind(code) costs more, on every message)
     if kind is None:
         raise ProtocolError(f"unknown message kind {code}")
-    return Message(kind, req_id, list(frames[1:]))
+    return Message(kind, req_id, frames[1:] if isinstance(frames, list) else list(frames[1:]))
 
 
 def _bytes(frame: Any) -> bytes:
+    if type(frame) is bytes:  # (most frames: see framing.COPY_BELOW)
+        return frame
     if isinstance(frame, LostFrame):
         raise ProtocolError(f"a frame of this message was lost: {frame.reason}")
     return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
@@ -262,8 +264,8 @@ def decode_items(frames: Sequence[Any]) -> list[Item]:
 
 def encode_put(req_id: int, ref: QueueRef, route: Sequence[int],
                items: Sequence[Item]) -> list[Any]:
-    route_frame = b"".join(_ROUTE_ENTRY.pack(r) for r in route)
-    return [header(Kind.PUT, req_id), ref.qid.encode(), ref.spec.encode(), route_frame,
+    route_frame = b"".join([_ROUTE_ENTRY.pack(r) for r in route]) if route else b""
+    return [HEADER.pack(Kind.PUT, req_id), ref.qid.encode(), ref.spec.encode(), route_frame,
             *encode_items(items)]
 
 

@@ -71,6 +71,7 @@ class QueueWork:
                     self._future.result()
                 return
             self._future.result()
+            self._wait_on_del = False  # stored: nothing left for the destructor
         except BaseException:
             self._wait_on_del = False  # the caller has seen the error
             raise
@@ -550,6 +551,8 @@ class Queue:
 
 def _check_blocking(block: bool, timeout: float | None) -> float | None:
     """``block`` must be a bool; returns the checked ``timeout``."""
+    if timeout is None and block is True:  # (the default, on every put and get)
+        return None
     if not isinstance(block, bool):
         raise TypeError(f"block must be True or False, got {block!r}")
     return _check_timeout(timeout)

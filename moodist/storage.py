@@ -197,6 +197,7 @@ class Storage:
         # watchers that also want to hear of close (watch(..., on_close=))
         self._close_watchers: dict[Callable[[int], None], Callable[[BaseException], None]] = {}
         self._cond = threading.Condition(threading.Lock())
+        self._sleepers = 0  # threads in self._cond.wait (none: no notify to pay for)
         self._closed: BaseException | None = None
 
     # ------------------------------------------------------------------ puts
@@ -300,7 +301,11 @@ class Storage:
                 return False
             if self._lead(ready, deadline) or ready():
                 continue  # (it may have been served while the lock was let go)
-            self._cond.wait(None if deadline is None else deadline - time.monotonic())
+            self._sleepers += 1
+            try:
+                self._cond.wait(None if deadline is None else deadline - time.monotonic())
+            finally:
+                self._sleepers -= 1
         return True
 
     def _lead(self, ready: Callable[[], bool], deadline: float | None) -> bool:
@@ -555,7 +560,8 @@ class Storage:
             for callback in watchers:
                 callback(len(self._items))
         if changed or self._items:
-            self._cond.notify_all()
+            if self._sleepers:
+                self._cond.notify_all()
             if self._leader is not None:
                 self._leader.nudge()
 
