@@ -81,8 +81,11 @@ def encode_body(frames: Sequence[Any],
     inline: list[Any] = []
     large: list[Any] = []
     for frame in frames:
-        frame = getattr(frame, "buffer", frame)  # a zmq.Frame being forwarded
-        n = frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+        if type(frame) is bytes:  # (most frames: headers, ids, pickles)
+            n = len(frame)
+        else:
+            frame = getattr(frame, "buffer", frame)  # a zmq.Frame being forwarded
+            n = frame.nbytes if hasattr(frame, "nbytes") else len(frame)
         if n < INLINE_MAX:
             lengths.append(n | _INLINE)
             inline.append(frame)
