@@ -529,3 +529,57 @@ def test_capacity_rounds_up_by_at_most_an_eighth():
         assert cap - n <= max(4096, n // 8), n
     sizes = {shm._capacity(n) for n in range(MiB + 1, 2 * MiB + 1, 4096)}
     assert len(sizes) == 8
+
+
+def _linked_pair(tmp_path, **receiver_options):
+    """Two links in this process: rank 0 sends, rank 1 receives."""
+    a = shm.Link(directory=str(tmp_path))
+    b = shm.Link(directory=str(tmp_path), **receiver_options)
+    a.connect(0, [None, b.offer()])
+    b.connect(1, [a.offer(), None])
+    return a, b
+
+
+def _lend_and_take(a, b, payload: torch.Tensor) -> tuple[bytes, bool]:
+    """Send ``payload`` from a to b; its descriptor and whether it arrived intact."""
+    view = memoryview(payload.numpy())
+    desc = a.export(1, view, view.nbytes)
+    assert desc is not None
+    got = b.attach(0, desc)
+    intact = bytes(got) == bytes(view)
+    del got  # released: the sender may lend the segment again
+    return desc, intact
+
+
+def test_a_segment_lent_again_is_read_through_the_mapping_kept(tmp_path):
+    a, b = _linked_pair(tmp_path)
+    try:
+        descs = []
+        for i in range(6):
+            desc, intact = _lend_and_take(a, b, torch.full((MiB,), i, dtype=torch.uint8))
+            assert intact, i
+            descs.append(desc)
+        assert a.stats["created"] == 1 and b.stats["received"] == 6
+        assert b.stats["mapped"] == 1, b.stats  # mapped once, not once per frame
+        with pytest.raises(ValueError, match="not lent"):
+            b.attach(0, descs[0])  # an old generation of the kept segment
+        b.peer_lost(0)
+        assert not b._mapped  # its sender gone, its mappings are let go
+    finally:
+        a.close()
+        b.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_kept_mappings_stay_within_their_budget(tmp_path):
+    a, b = _linked_pair(tmp_path, mapped_bytes=2 * MiB)
+    try:
+        sizes = [MiB, 2 * MiB, MiB, 2 * MiB]  # two segments, together over the budget
+        for i, n in enumerate(sizes):
+            assert _lend_and_take(a, b, torch.full((n,), i, dtype=torch.uint8))[1]
+        assert a.stats["created"] == 2
+        assert b.stats["mapped"] == 4, b.stats  # each evicted the other
+        assert b._mapped_bytes <= 2 * MiB + 2 * shm.HEADER_SIZE
+    finally:
+        a.close()
+        b.close()
