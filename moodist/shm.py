@@ -10,12 +10,14 @@ the last reference to it is dropped.
 Segments are pooled by their sender and reused once the receiver has freed
 them: a fresh tmpfs file costs several memcpys (page allocation and first-touch
 faults), a reused one costs one.  The receiver keeps its mappings too (up to
-``MAPPED_BYTES``, least recently used first out), so a segment lent again is
-read without mmap, munmap or page faults.  A segment's first page holds its state::
+``MAPPED_BYTES``, least recently used first out; none larger than that, none
+of a DEAD segment), so a segment lent again is read without mmap, munmap or
+page faults.  A segment's first page holds its state::
 
     FREE --sender fills it, sends its descriptor--> LENT
     LENT --receiver maps it--> ATTACHED --receiver's buffer freed--> RELEASED
     RELEASED --sender takes it back for the next frame--> FREE (or destroyed)
+    any state --sender destroys it (unlinks the file)--> DEAD
 
 The state moves forward only, each step written by one side; a descriptor
 names a generation, so a stale or replayed descriptor is refused.
@@ -59,7 +61,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,7 +91,7 @@ _HEADER = struct.Struct("<4sIQ")  # magic, state, generation
 _STATE = struct.Struct("<I")
 _STATE_AT = 4
 _MAGIC = b"MDSG"
-FREE, LENT, ATTACHED, RELEASED = 0, 1, 2, 3
+FREE, LENT, ATTACHED, RELEASED, DEAD = 0, 1, 2, 3, 4
 _DESC = struct.Struct("<QQQ")  # file size, frame bytes, generation; then the file name
 _MAX_NAME = 64
 _ID = r"[0-9a-f]{16}"
@@ -130,7 +132,10 @@ class _Segment:
         return state if magic == _MAGIC and gen == self.gen else -1
 
     def destroy(self) -> None:
-        """Unlink and unmap (receivers keep their own mappings)."""
+        """Mark DEAD (so that receivers let go of the mappings they keep), then
+        unlink and unmap."""
+        if self.mm is not None:
+            _STATE.pack_into(self.mm, _STATE_AT, DEAD)
         _unlink(self.path)
         self.data = None
         self.mm = None  # type: ignore[assignment]
@@ -402,15 +407,34 @@ class Link:
 
     def _keep_mapped(self, name: str, mm: mmap.mmap) -> None:
         """Keep ``mm`` for the segment's next lending, within ``mapped_bytes``
-        (a mapping let go is unmapped once the last buffer over it is freed)."""
+        (a mapping let go is unmapped once the last buffer over it is freed),
+        and let go of those whose segment its sender has destroyed: the
+        oldest ones, or every one when a new mapping comes in (senders create
+        segments when they destroy others)."""
         with self._lock:
-            if self._closed or name in self._mapped:
+            if self._closed:
+                return
+            if name in self._mapped:
+                self._drop_dead(every=False)
+                return
+            self._drop_dead(every=True)
+            if len(mm) > self._mapped_max:
                 return
             self._mapped[name] = mm
             self._mapped_bytes += len(mm)
-            while self._mapped_bytes > self._mapped_max and len(self._mapped) > 1:
+            while self._mapped_bytes > self._mapped_max:  # (never the new one: it fits)
                 _, old = self._mapped.popitem(last=False)
                 self._mapped_bytes -= len(old)
+
+    def _drop_dead(self, every: bool) -> None:
+        """(Under the lock.)  Let go of kept mappings of DEAD segments: every
+        one, or else those at the least recently used end."""
+        for name, mm in list(self._mapped.items()) if every else _oldest(self._mapped):
+            if _STATE.unpack_from(mm, _STATE_AT)[0] == DEAD:
+                del self._mapped[name]
+                self._mapped_bytes -= len(mm)
+            elif not every:
+                return
 
     def _forget_mapped(self, peer_id: str) -> None:
         """(Under the lock.)  Let go of the mappings of ``peer_id``'s segments."""
@@ -460,6 +484,13 @@ class Link:
             seg.destroy()
         _unlink(self._probe_path)
         os.close(self._probe_fd)
+
+
+def _oldest(mapped: OrderedDict[str, mmap.mmap]) -> Iterator[tuple[str, mmap.mmap]]:
+    """The entries of ``mapped`` from the least recently used on, while the
+    caller deletes the ones it has seen."""
+    while mapped:
+        yield next(iter(mapped.items()))
 
 
 def _copy_into(dst: torch.Tensor, src: memoryview) -> None:

@@ -572,7 +572,7 @@ def test_a_segment_lent_again_is_read_through_the_mapping_kept(tmp_path):
 
 
 def test_kept_mappings_stay_within_their_budget(tmp_path):
-    a, b = _linked_pair(tmp_path, mapped_bytes=2 * MiB)
+    a, b = _linked_pair(tmp_path, mapped_bytes=2 * MiB + shm.HEADER_SIZE)
     try:
         sizes = [MiB, 2 * MiB, MiB, 2 * MiB]  # two segments, together over the budget
         for i, n in enumerate(sizes):
@@ -583,3 +583,24 @@ def test_kept_mappings_stay_within_their_budget(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_mappings_of_destroyed_or_oversized_segments_are_not_kept(tmp_path):
+    a = shm.Link(directory=str(tmp_path), pool_bytes=1)  # every released segment is destroyed
+    b = shm.Link(directory=str(tmp_path), mapped_bytes=3 * MiB)
+    a.connect(0, [None, b.offer()])
+    b.connect(1, [a.offer(), None])
+    try:
+        assert _lend_and_take(a, b, torch.full((MiB,), 1, dtype=torch.uint8))[1]
+        (first,) = b._mapped
+        # The next frame needs a new segment; taking the released one back destroys
+        # it (the pool holds nothing): its kept mapping must go, not pin its memory.
+        assert _lend_and_take(a, b, torch.full((2 * MiB,), 2, dtype=torch.uint8))[1]
+        assert first not in b._mapped and len(b._mapped) == 1, list(b._mapped)
+        assert _lend_and_take(a, b, torch.full((4 * MiB,), 3, dtype=torch.uint8))[1]
+        assert len(b._mapped) == 0, list(b._mapped)  # over the budget: never kept
+        assert b._mapped_bytes == 0
+    finally:
+        a.close()
+        b.close()
+    assert os.listdir(tmp_path) == []
