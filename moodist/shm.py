@@ -572,3 +572,15 @@ def sweep(directory: str = SHM_DIR, owner: str | None = None) -> int:
 def _close_all() -> None:
     for link in list(_links):
         link.close()
+
+
+def _unmap_kept_in_child() -> None:
+    """A forked child (e.g. a DataLoader worker) must not pin its parent's kept
+    mappings for its own lifetime; it uses no link (see ``Link.close``)."""
+    for link in list(_links):
+        link._mapped = OrderedDict()  # (no lock: only this thread runs in the child)
+        link._mapped_bytes = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unmap_kept_in_child)

@@ -604,3 +604,19 @@ def test_mappings_of_destroyed_or_oversized_segments_are_not_kept(tmp_path):
         a.close()
         b.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_forked_child_does_not_keep_its_parents_mappings(tmp_path):
+    a, b = _linked_pair(tmp_path)
+    try:
+        assert _lend_and_take(a, b, torch.full((MiB,), 7, dtype=torch.uint8))[1]
+        assert len(b._mapped) == 1
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0 if not b._mapped and b._mapped_bytes == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert len(b._mapped) == 1  # the parent keeps its own
+    finally:
+        a.close()
+        b.close()
