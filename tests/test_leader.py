@@ -334,6 +334,7 @@ def _bounded_put_and_wait_lead(ctx):
         ctx.fetch("blocked")  # rank 0's main thread leads, in its put
         got = bounded.get_object(timeout=TIMEOUT)
         ctx.barrier("put done")
+        ctx.fetch("waiting")  # rank 0's main thread leads, in its wait()
         empty.put_object("news").wait()
         ctx.barrier("done")
         return got
@@ -341,17 +342,21 @@ def _bounded_put_and_wait_lead(ctx):
     main = threading.get_ident()
     on_main, restore = _count_calls_on_this_thread(transport, "_dispatch")
 
-    def tell_when_blocked():
-        poll_until(lambda: transport._io_owner == main, TIMEOUT, "the put to lead")
-        ctx.publish("blocked", "1")
+    def tell_when_leading(key):
+        poll_until(lambda: transport._io_owner == main, TIMEOUT, f"{key}: the main thread to lead")
+        ctx.publish(key, "1")
 
-    teller = threading.Thread(target=tell_when_blocked)
+    teller = threading.Thread(target=tell_when_leading, args=("blocked",))
     teller.start()
     bounded.put_object("second", timeout=TIMEOUT).wait()  # blocks until rank 1 takes one
     teller.join(TIMEOUT)
     handled_in_put = on_main[0]
     ctx.barrier("put done")
+    # (else rank 1's item may arrive, and the I/O thread store it, before wait() starts)
+    teller = threading.Thread(target=tell_when_leading, args=("waiting",))
+    teller.start()
     waited = empty.wait(timeout=TIMEOUT)
+    teller.join(TIMEOUT)
     handled_in_wait = on_main[0] - handled_in_put
     restore()
     ctx.barrier("done")
