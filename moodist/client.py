@@ -133,16 +133,6 @@ class Client:
             raise self._closed or self.transport.lost_error(peer) or PeerLostError(peer)
         return rid, fut
 
-    def _complete(self, rid: int, value: Any = None, error: BaseException | None = None) -> None:
-        with self._lock:
-            fut = self._pending.pop(rid, None)
-        if fut is None:
-            return
-        if error is not None:
-            fut.set_error(error)
-        else:
-            fut.set_result(value)
-
     def put(self, host: int, ref: QueueRef, route: tuple[int, ...], items: list[Item]) -> Future:
         """Store ``items`` at ``host`` (for multicast, ``host`` is ``route[0]``,
         the sequencer).  Completes when stored (at every copy)."""

@@ -131,8 +131,8 @@ def decode_body(zframes: Sequence[Any],
     Inline frames are memoryviews into the received zmq frame (no copy), or
     bytes below ``COPY_BELOW``; large ones are the zmq.Frames themselves;
     shared-memory ones are what ``attach(descriptor)`` returns, called once
-    the whole table has been checked, or a :class:`LostFrame` if it raises ValueError.  Raises
-    ValueError if the table does not match what arrived."""
+    the whole table has been checked, or a :class:`LostFrame` if it raises
+    ValueError.  Raises ValueError if the table does not match what arrived."""
     if not zframes:
         raise ValueError("empty message")
     view = memoryview(getattr(zframes[0], "buffer", zframes[0]))
