@@ -503,9 +503,13 @@ class Transport:
         return None if peer is None else peer.error
 
     def _send_control(self, peer: _Peer, control: int, seq: int = 0) -> None:
+        """An ACK says, in ``seq``, the last message it follows (the held ones
+        are not sent yet): a receiver that lacks one takes the ack later."""
         with peer.lock:
             if self._closed:
                 return
+            if control == framing.ACK:
+                seq = peer.outbox.last_sent - len(peer.held)
             ack = peer.inbox.ack_sent = peer.inbox.handled
             self._post(peer, [framing.head(control, seq, ack)])
 
@@ -842,23 +846,33 @@ class Transport:
         if peer.error is not None:
             self._tell_lost(peer)
             return
+        # An ack is taken only from a message that nothing sent before it is
+        # missing for: else a reply the peer sent first (an ERROR refusing a
+        # put) could be lost while the ack settles that put as stored.  It
+        # comes again once the missing messages are resent.
+        in_order = True
         if control == framing.DATA or control == framing.BATCH:
-            self._receive_data(peer, control, seq, zframes)
+            in_order = self._receive_data(peer, control, seq, zframes)
         elif control == framing.NACK:
             self._resend(peer, seq)
         elif control == framing.SYNC:
             missing = peer.inbox.answer_sync(seq)
+            in_order = not missing
             if missing:
                 self._send_control(peer, framing.NACK, missing)
             else:
                 self._send_control(peer, framing.ACK)
+        elif control == framing.ACK and seq >= peer.inbox.expected:
+            in_order = False  # it sent messages that never came
+            if peer.inbox.should_nack():
+                self._send_control(peer, framing.NACK, peer.inbox.expected)
         elif control == framing.LOST:
             self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
             return
         elif control == framing.BYE:
             self._peer_leaves(peer, seq, ack)
             return
-        if ack:
+        if ack and in_order:
             self._acknowledged(peer, ack)
         if peer.leaving_at and peer.inbox.handled >= peer.leaving_at:
             self._peer_leaves(peer, peer.leaving_at, 0)  # what it resent is in
@@ -882,30 +896,32 @@ class Transport:
         self._lose(peer, PeerLeftError(peer.rank))
 
     def _receive_data(self, peer: _Peer, control: int, seq: int,
-                      zframes: list[zmq.Frame]) -> None:
+                      zframes: list[zmq.Frame]) -> bool:
+        """False if a message before this one is missing (see _receive_one)."""
         attach = None if self.shm is None else self.shm.attacher(peer.rank)
         if control == framing.BATCH:
             try:
                 messages = framing.decode_batch(zframes, attach)
             except ValueError as e:
                 log.warning("moodist: dropped a batch from rank %d: %s", peer.rank, e)
-                return
+                return False
+            in_order = True
             for i, frames in enumerate(messages):
-                self._receive_one(peer, seq + i, frames)
-            return
+                in_order &= self._receive_one(peer, seq + i, frames)
+            return in_order
         if peer.inbox.classify(seq) is not NEW:  # (not decoded: it is dropped)
-            self._receive_one(peer, seq, None)
-            return
+            return self._receive_one(peer, seq, None)
         try:
             frames = decode_body(zframes, attach)
         except Exception as e:
             log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
             frames = None
-        self._receive_one(peer, seq, frames)
+        return self._receive_one(peer, seq, frames)
 
-    def _receive_one(self, peer: _Peer, seq: int, frames: list[Any] | None) -> None:
+    def _receive_one(self, peer: _Peer, seq: int, frames: list[Any] | None) -> bool:
         """Message ``seq`` from ``peer``: handle it if it is the next one
-        (``frames`` None: it is consumed unhandled, e.g. it was malformed)."""
+        (``frames`` None: it is consumed unhandled, e.g. it was malformed).
+        False if it came after a gap (dropped: a NACK asks for the missing)."""
         inbox = peer.inbox
         state = inbox.classify(seq)
         if state is NEW:
@@ -927,6 +943,8 @@ class Transport:
             self.stats["gaps"] += 1
             if inbox.should_nack():
                 self._send_control(peer, framing.NACK, inbox.expected)
+            return False
+        return True
 
     def _acknowledged(self, peer: _Peer, ack: int) -> None:
         if ack <= peer.outbox.acked:  # nothing new (it only grows: no lock needed to see it)

@@ -39,7 +39,15 @@ import pytest
 from cluster import poll_until
 from test_reliability import _hand_back, _process_dead, _run_with_victim
 
-from moodist import Empty, ItemDecodeError, PeerLostError, Queue, QueueMismatchError
+from moodist import (
+    Empty,
+    ItemDecodeError,
+    PeerLostError,
+    Queue,
+    QueueMismatchError,
+    framing,
+    protocol,
+)
 
 PEER_TIMEOUT = 1.0
 TIMEOUT = 30.0
@@ -347,6 +355,46 @@ def _named_mismatch(ctx):
             "before the host made it")
     ctx.barrier("end")
     return errors
+
+
+def _refused_put_whose_error_is_lost(ctx):
+    """Rank 0 hosts "sized" bounded; rank 1 puts to it as unbounded: a plain put,
+    which the host refuses with an ERROR reply, and acknowledges (handled).  The
+    ERROR is lost on the way (as in a connection cut); the ACK after it is not."""
+    g, rank = ctx.group, ctx.rank
+    if rank == 0:
+        Queue(g, location=0, name="sized", maxsize=5)
+        transport = g.node.transport
+        post, lost = transport._post, []
+
+        def lossy(peer, frames):
+            control = framing.decode_head(frames[0])[0]
+            if not lost and peer.rank == 1 and control == framing.DATA:
+                msg = protocol.parse(framing.decode_body(frames))
+                if msg.kind is protocol.Kind.ERROR:
+                    lost.append(msg)
+                    return
+            post(peer, frames)
+
+        transport._post = lossy
+    ctx.barrier("host made it")
+    outcome = None
+    if rank == 1:
+        q = Queue(g, location=0, name="sized")
+        try:
+            q.put_object("x").wait()
+            outcome = "stored"
+        except QueueMismatchError:
+            outcome = "refused"
+    ctx.barrier("end")
+    return outcome if rank == 1 else len(lost)
+
+
+def test_a_refused_put_whose_error_reply_is_lost_is_still_refused(cluster):
+    # Without the ACK's seq (what it follows), the ACK settled the put as stored.
+    lost, outcome = cluster.run(_refused_put_whose_error_is_lost, 2, timeout=60)
+    assert lost == 1
+    assert outcome == "refused"
 
 
 def test_named_queues_constructed_differently_raise_on_first_contact(cluster):
