@@ -265,7 +265,7 @@ def decode_items(frames: Sequence[Any]) -> list[Item]:
 def encode_put(req_id: int, ref: QueueRef, route: Sequence[int],
                items: Sequence[Item]) -> list[Any]:
     route_frame = b"".join([_ROUTE_ENTRY.pack(r) for r in route]) if route else b""
-    return [HEADER.pack(Kind.PUT, req_id), ref.qid.encode(), ref.spec.encode(), route_frame,
+    return [header(Kind.PUT, req_id), ref.qid.encode(), ref.spec.encode(), route_frame,
             *encode_items(items)]
 
 

@@ -864,8 +864,7 @@ class Transport:
                 self._send_control(peer, framing.ACK)
         elif control == framing.ACK and seq >= peer.inbox.expected:
             in_order = False  # it sent messages that never came
-            if peer.inbox.should_nack():
-                self._send_control(peer, framing.NACK, peer.inbox.expected)
+            self._ask_for_missing(peer)
         elif control == framing.LOST:
             self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
             return
@@ -941,10 +940,14 @@ class Transport:
             self._ack_due.add(peer)  # its acknowledgement may be what was lost
         else:
             self.stats["gaps"] += 1
-            if inbox.should_nack():
-                self._send_control(peer, framing.NACK, inbox.expected)
+            self._ask_for_missing(peer)
             return False
         return True
+
+    def _ask_for_missing(self, peer: _Peer) -> None:
+        """A message from ``peer`` is missing: NACK "resend from" it, once."""
+        if peer.inbox.should_nack():
+            self._send_control(peer, framing.NACK, peer.inbox.expected)
 
     def _acknowledged(self, peer: _Peer, ack: int) -> None:
         if ack <= peer.outbox.acked:  # nothing new (it only grows: no lock needed to see it)
