@@ -15,6 +15,9 @@ digest made for one purpose is valid for another):
   password that B refuses.  The password is the same on every reconnect, so
   whoever can *sniff* the connection can replay it to B while B lives:
   PLAIN keeps out those who cannot see the traffic, no more.
+* The bulk lane (PLAIN only; see :mod:`moodist.bulk`): each connection is
+  a mutual challenge and response, ``HMAC(key, "bulk server" or "bulk
+  client", client, server, both nonces)``, fresh on every connection.
 * CURVE (``encrypt=True``): each rank makes a key pair and publishes its
   public key with ``HMAC(key, "curve key", rank, public key)``.  Keys whose
   tag does not check are refused before anything connects, so whoever
@@ -141,6 +144,12 @@ class Authenticator:
             return {"plain_username": str(self.rank).encode(), "plain_password": password}
         return {"curve_publickey": self.curve_keypair[0], "curve_secretkey": self.curve_keypair[1],
                 "curve_serverkey": self.curve_keys[server]}
+
+    def bulk_proof(self, role: str, client: int, server: int, nonces: bytes) -> bytes:
+        """What each side of a bulk-lane connection from ``client`` to
+        ``server`` shows (``role`` "client" or "server"), over both sides'
+        fresh nonces: see :mod:`moodist.bulk`."""
+        return derive(self._key, "bulk " + role, client, server, nonces)
 
     def member(self, mechanism: bytes, credentials: list[bytes]) -> int | None:
         """The rank that a connection's ZMTP credentials (as a ZAP request

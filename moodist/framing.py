@@ -17,7 +17,10 @@ control message with no body (see :mod:`moodist.channel` for ``seq`` and
 ``INLINE_MAX`` bytes is copied into ``head`` (flag ``_INLINE`` in its length);
 a larger one travels as a zmq frame of its own, without a copy, or, to a rank
 on this host, as a shared-memory segment whose small descriptor is inline
-(flag ``_SHM``).  libzmq's cost is per zmq frame, so a typical message is one.
+(flag ``_SHM``), or, to another host, on the bulk lane (flag ``_BULK``, no
+bytes here: see :mod:`moodist.bulk`); a message with bulk frames is sent as
+``BULK``, not ``DATA``, and never in a batch.  libzmq's cost is per zmq
+frame, so a typical message is one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _MAX_BATCH = 1 << 16
 INLINE_MAX = 8192
 _INLINE = 1 << 63
 _SHM = 1 << 62
+_BULK = 1 << 61
 # Inline frames shorter than this are received as bytes, not as views into the
 # message: as cheap to make, and a received item kept in a queue is then no
 # work for Python's cyclic garbage collector (a memoryview is tracked by it,
@@ -51,6 +55,7 @@ SYNC = 3  # "I have sent up to seq": answered by ACK, or NACK if something is mi
 LOST = 4  # "I have declared you lost": the receiver declares the sender lost too
 BYE = 5  # "I am leaving the group" (clean shutdown)
 BATCH = 6  # several DATA messages, numbered from seq
+BULK = 7  # a DATA message some of whose frames travel on the bulk lane
 CONTROLS = frozenset((ACK, NACK, SYNC, LOST, BYE))
 
 
@@ -69,6 +74,14 @@ class LostFrame:
 
 
 _NO_FRAMES: tuple[Any, ...] = ()  # (kept by the outbox: an empty list each would cost GC work)
+# What ``export`` returns (this very object) for a frame it sends on the bulk lane.
+BULK_FRAME = b"<bulk>"
+
+
+class BulkLarge(tuple):  # type: ignore[type-arg]
+    """The zmq frames of a BULK message (so the outbox knows to resend it as one)."""
+
+    __slots__ = ()
 
 
 def encode_body(frames: Sequence[Any],
@@ -77,7 +90,8 @@ def encode_body(frames: Sequence[Any],
     """``(body, large frames)`` for ``frames`` (buffers); see the module doc.
 
     ``export(frame, nbytes)``, if given, may turn a large frame into a
-    shared-memory descriptor (bytes, sent inline) or decline with None."""
+    shared-memory descriptor (bytes, sent inline), take it for the bulk
+    lane (``BULK_FRAME``, nothing inline), or decline with None."""
     lengths = []
     inline: list[Any] = []
     large: list[Any] = []
@@ -91,8 +105,11 @@ def encode_body(frames: Sequence[Any],
             lengths.append(n | _INLINE)
             inline.append(frame)
         elif export is not None and (desc := export(frame, n)) is not None:
-            lengths.append(len(desc) | _INLINE | _SHM)
-            inline.append(desc)
+            if desc is BULK_FRAME:
+                lengths.append(n | _BULK)
+            else:
+                lengths.append(len(desc) | _INLINE | _SHM)
+                inline.append(desc)
         else:
             lengths.append(n)
             large.append(frame)
@@ -120,25 +137,29 @@ def decode_head(zframe0: Any) -> tuple[int, int, int]:
     magic, version, control, seq, ack = HEAD.unpack_from(view)
     if magic != MAGIC or version != VERSION:
         raise ValueError("bad magic or version")
-    if control not in (DATA, BATCH) and (control not in CONTROLS or view.nbytes != HEAD.size):
+    if control not in (DATA, BATCH, BULK) and (control not in CONTROLS or view.nbytes != HEAD.size):
         raise ValueError(f"bad control message {control}")
     return control, seq, ack
 
 
 def decode_body(zframes: Sequence[Any],
-                attach: Callable[[memoryview], Any] | None = None) -> list[Any]:
+                attach: Callable[[memoryview], Any] | None = None,
+                fetch: Callable[[int, int], Any] | None = None) -> list[Any]:
     """The frames of a DATA message (the inverse of :func:`encode`).
 
     Inline frames are memoryviews into the received zmq frame (no copy), or
     bytes below ``COPY_BELOW``; large ones are the zmq.Frames themselves;
     shared-memory ones are what ``attach(descriptor)`` returns, called once
     the whole table has been checked, or a :class:`LostFrame` if it raises
-    ValueError.  Raises ValueError if the table does not match what arrived."""
+    ValueError; bulk ones are what ``fetch(index, nbytes)`` returns (index:
+    among this message's bulk frames), whose exceptions propagate, before
+    any ``attach``.  Raises ValueError if the table does not match what
+    arrived."""
     if not zframes:
         raise ValueError("empty message")
     view = memoryview(getattr(zframes[0], "buffer", zframes[0]))
     large = iter(zframes[1:])
-    frames = _decode_region(view, HEAD.size, view.nbytes, large, attach)
+    frames = _decode_region(view, HEAD.size, view.nbytes, large, attach, fetch)
     if next(large, None) is not None:
         raise ValueError("bytes left over after the last frame")
     return frames
@@ -181,7 +202,8 @@ def encode_batch(first_seq: int, ack: int, entries: Sequence[tuple[bytes, list[A
 
 
 def _decode_region(view: memoryview, pos: int, end: int, large: Any,
-                   attach: Callable[[memoryview], Any] | None) -> list[Any]:
+                   attach: Callable[[memoryview], Any] | None,
+                   fetch: Callable[[int, int], Any] | None = None) -> list[Any]:
     """The frames of one DATA body at ``view[pos:end]``, taking its large
     frames from the iterator ``large``."""
     if end < pos + _COUNT.size:
@@ -194,6 +216,7 @@ def _decode_region(view: memoryview, pos: int, end: int, large: Any,
         raise ValueError("frame table larger than the message")
     frames: list[Any] = []
     shared: list[int] = []
+    bulk = 0
     for n in struct.unpack_from(f"<{count}Q", view, lengths_at):
         if n & _INLINE:
             if n & _SHM:
@@ -203,6 +226,11 @@ def _decode_region(view: memoryview, pos: int, end: int, large: Any,
                 raise ValueError("inline frame runs past the message")
             frames.append(view[pos : pos + n].tobytes() if n < COPY_BELOW else view[pos : pos + n])
             pos += n
+        elif n & _BULK:
+            if fetch is None:
+                raise ValueError("bulk frame in a message that may not have one")
+            frames.append(fetch(bulk, n & ~_BULK))
+            bulk += 1
         else:
             frame = next(large, None)
             if frame is None or len(frame) != n:

@@ -182,12 +182,14 @@ class MoodistProcessGroup:
             address = _advertised_address(transport.address, host, _store_host(store))
             transport.auth.listening_at(address)  # the address peers bind passwords to
             me = {"address": address, "auth": transport.auth.offer(),
-                  "shm": transport.shm.offer() if transport.shm is not None else None}
+                  "shm": transport.shm.offer() if transport.shm is not None else None,
+                  "bulk": transport.bulk.offer() if transport.bulk is not None else None}
             peers = [json.loads(p) for p in self._exchange("addr", json.dumps(me))]
             transport.start(
                 [p["address"] for p in peers],
                 [p["auth"] for p in peers],
                 [p.get("shm") for p in peers],
+                [p.get("bulk") for p in peers],
             )
         except BaseException:
             self.shutdown()

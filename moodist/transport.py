@@ -83,6 +83,7 @@ import os
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,6 +92,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import framing, interrupts
 from .auth import Authenticator
+from .bulk import Inbound, Lane, NotArrived
 from .channel import DUPLICATE, NEW, Inbox, OnDone, Outbox
 from .errors import PeerLeftError, PeerLostError
 from .framing import INLINE_MAX, decode_body, encode_body  # noqa: F401 - INLINE_MAX re-exported
@@ -199,7 +201,7 @@ class _Peer:
 
     __slots__ = ("rank", "socket", "lock", "monitor", "connected", "down_since", "error",
                  "outbox", "inbox", "tick_oldest", "lost_notice_at", "held", "held_bytes",
-                 "put_seq", "leaving_at")
+                 "put_seq", "leaving_at", "parked", "parked_progress", "parked_timer")
 
     def __init__(self, rank: int, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.rank = rank
@@ -219,6 +221,12 @@ class _Peer:
         self.held_bytes = 0
         self.put_seq = 0
         self.leaving_at = 0  # its BYE's seq, while messages before it are missing
+        # Messages from it held back, in order, while the first waits for its bulk
+        # frames, as (control, seq, ack, zmq frames); and the lane's progress when
+        # the loop last looked (see _check_parked).
+        self.parked: deque[tuple[int, int, int, list[Any]]] = deque()
+        self.parked_progress = 0.0
+        self.parked_timer = False  # a _check_parked timer is armed
 
     @property
     def lost(self) -> bool:
@@ -304,14 +312,21 @@ class Transport:
         self._closed = False  # sockets are being closed: nothing more is sent
         self._thread = threading.Thread(target=self._run, name=f"moodist-io-{rank}", daemon=True)
         self.shm = Link.open()  # None: every frame goes through zmq
+        # Large frames to other hosts (None: they go through zmq), read by the loop.
+        self.bulk = Lane.open(self.auth, bind_host, self._bulk_connected, curve)
+        # Its inbound connections by descriptor (what zmq's poll names), under _peers_lock.
+        self._bulk_in: dict[int, Inbound] = {}
+        self._parked: set[_Peer] = set()  # the loop's: peers with messages parked
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, addresses: Sequence[str], auth_offers: Sequence[dict[str, str]],
-              shm_offers: Sequence[Any] | None = None) -> None:
+              shm_offers: Sequence[Any] | None = None,
+              bulk_offers: Sequence[Any] | None = None) -> None:
         """Learn every rank's address (its ``address``, exactly), credentials
-        offer (its ``auth.offer()``) and shared-memory offer (``shm.offer()``
-        or None), index = rank, and start the I/O thread.  Raises
+        offer (its ``auth.offer()``), shared-memory offer (``shm.offer()``
+        or None) and bulk-lane offer (``bulk.offer()`` or None), index =
+        rank, and start the I/O thread.  Raises
         AuthenticationError, starting nothing, if an offer was not made with
         this group's key."""
         if len(addresses) != self.size:
@@ -320,6 +335,8 @@ class Transport:
         self._addresses = list(addresses)
         if self.shm is not None:
             self.shm.connect(self.rank, shm_offers or [])
+        if self.bulk is not None:
+            self.bulk.start(addresses, bulk_offers or [None] * self.size)
         self._thread.start()
 
     def close(self, error: BaseException | None = None, linger: float = 2.0) -> None:
@@ -381,6 +398,12 @@ class Transport:
                 self._watch.close()  # (else the I/O thread does, as it stops)
             if self.shm is not None:
                 self.shm.close(grace=linger)
+            if self.bulk is not None:
+                self.bulk.close()
+                with self._peers_lock:
+                    inbound, self._bulk_in = self._bulk_in, {}
+                for connection in inbound.values():
+                    connection.close()
 
     def _await_acknowledgements(self, peers: list[_Peer], deadline: float) -> set[int]:
         """(Closing; the I/O lock is ours and the I/O thread has stopped.)  Read
@@ -451,29 +474,44 @@ class Transport:
         if peer is None or peer.error is not None:
             return False
         export = self._exporter(rank)
+        lane = self.bulk
         small = True  # every frame is inline (only small puts are held back)
+        bulk: list[Any] | None = None  # frames for the bulk lane
 
         def export_large(frame: Any, nbytes: int) -> bytes | None:
-            nonlocal small
+            nonlocal small, bulk
             small = False
-            return None if export is None else export(frame, nbytes)
+            if export is not None and (desc := export(frame, nbytes)) is not None:
+                return desc
+            if (lane is not None and nbytes >= lane.min_size and lane.usable(rank)
+                    and memoryview(frame).c_contiguous):
+                bulk = [frame] if bulk is None else [*bulk, frame]
+                return framing.BULK_FRAME
+            return None
 
         body, large = encode_body(frames, export_large)
         with peer.lock:
             if self._closed or peer.error is not None:
                 return False
+            if bulk is not None:
+                large = framing.BulkLarge(large)
             seq = peer.outbox.add(body, large, on_done)
             hold = on_done is not None and small
-            if peer.held or (hold and peer.put_seq > peer.outbox.acked):
+            if bulk is None and (peer.held or (hold and peer.put_seq > peer.outbox.acked)):
                 peer.held.append((seq, body, large))
                 peer.held_bytes += len(body)
                 if not hold or peer.held_bytes > _HOLD_MAX_BYTES:
                     self._flush(peer)  # nothing else waits behind a put (order is kept)
             else:
+                if peer.held:
+                    self._flush(peer)  # (a BULK message is never batched)
                 if on_done is not None:
                     peer.put_seq = seq
                 ack = peer.inbox.ack_sent = peer.inbox.handled
-                self._post(peer, [framing.head(framing.DATA, seq, ack) + body, *large])
+                control = framing.DATA if bulk is None else framing.BULK
+                self._post(peer, [framing.head(control, seq, ack) + body, *large])
+                if bulk is not None:
+                    lane.send(rank, seq, bulk)  # type: ignore[union-attr]
         if not self._tick_armed and not self._tick_wanted:
             # The message loop arms the resync tick; wake it, as it may sleep with no
             # timer (this happens once per second at most while messages flow).
@@ -509,7 +547,7 @@ class Transport:
             if self._closed:
                 return
             if control == framing.ACK:
-                seq = peer.outbox.last_sent - len(peer.held)
+                seq = _last_posted(peer)
             ack = peer.inbox.ack_sent = peer.inbox.handled
             self._post(peer, [framing.head(control, seq, ack)])
 
@@ -601,7 +639,7 @@ class Transport:
             peers = list(self._peers.values())
         for peer in peers:
             with peer.lock:
-                oldest, last = peer.outbox.oldest(), peer.outbox.last_sent
+                oldest, last = peer.outbox.oldest(), _last_posted(peer)
             if not oldest or peer.lost:
                 peer.tick_oldest = 0
                 continue
@@ -654,7 +692,7 @@ class Transport:
         """Every socket the loop polls, and the version of that list."""
         with self._peers_lock:
             return self._sockets_version, [self._router, self._zap, self._wake_rx,
-                                           *self._monitors]
+                                           *self._monitors, *self._bulk_in]  # (+ fds)
 
     def _io_step(self, timeout_ms: int, hold_interrupts: bool = False) -> bool:
         """(Holder of the I/O lock.)  Wait up to ``timeout_ms`` (-1: until
@@ -686,6 +724,8 @@ class Transport:
             if peer is not None:
                 more |= self._drain(
                     sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
+            elif type(sock) is int and (inbound := self._bulk_in.get(sock)) is not None:
+                more |= self._read_bulk(inbound)
         if self._router in events:
             more |= self._drain_router()
         self._run_timers()
@@ -846,13 +886,21 @@ class Transport:
         if peer.error is not None:
             self._tell_lost(peer)
             return
+        if peer.parked:  # an earlier message waits for its bulk frames: so does this one
+            peer.parked.append((control, seq, ack, zframes))
+            return
+        self._handle(peer, control, seq, ack, zframes)
+
+    def _handle(self, peer: _Peer, control: int, seq: int, ack: int,
+                zframes: list[zmq.Frame]) -> None:
+        """One message from ``peer`` (its head decoded), in order."""
         # An ack is taken only from a message that nothing sent before it is
         # missing for: else a reply the peer sent first (an ERROR refusing a
         # put) could be lost while the ack settles that put as stored.  It
         # comes again once the missing messages are resent.
         in_order = True
-        if control == framing.DATA or control == framing.BATCH:
-            in_order = self._receive_data(peer, control, seq, zframes)
+        if control == framing.DATA or control == framing.BATCH or control == framing.BULK:
+            in_order = self._receive_data(peer, control, seq, ack, zframes)
         elif control == framing.NACK:
             self._resend(peer, seq)
         elif control == framing.SYNC:
@@ -866,7 +914,7 @@ class Transport:
             in_order = False  # it sent messages that never came
             self._ask_for_missing(peer)
         elif control == framing.LOST:
-            self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
+            self._lose(peer, PeerLostError(peer.rank, "it declared this rank lost"))
             return
         elif control == framing.BYE:
             self._peer_leaves(peer, seq, ack)
@@ -894,10 +942,12 @@ class Transport:
             self._send_control(peer, framing.ACK)
         self._lose(peer, PeerLeftError(peer.rank))
 
-    def _receive_data(self, peer: _Peer, control: int, seq: int,
+    def _receive_data(self, peer: _Peer, control: int, seq: int, ack: int,
                       zframes: list[zmq.Frame]) -> bool:
         """False if a message before this one is missing (see _receive_one)."""
         attach = None if self.shm is None else self.shm.attacher(peer.rank)
+        if control == framing.BULK:
+            return self._receive_bulk(peer, seq, ack, zframes, attach)
         if control == framing.BATCH:
             try:
                 messages = framing.decode_batch(zframes, attach)
@@ -916,6 +966,102 @@ class Transport:
             log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
             frames = None
         return self._receive_one(peer, seq, frames)
+
+    def _receive_bulk(self, peer: _Peer, seq: int, ack: int, zframes: list[zmq.Frame],
+                      attach: Callable[[memoryview], Any] | None) -> bool:
+        """A message some of whose frames come on the bulk lane: handled once
+        they are here; until then it and every later message from ``peer``
+        are parked (see _unpark)."""
+        lane = self.bulk
+        if lane is None:
+            log.warning("moodist: dropped a message from rank %d: bulk frames, but this "
+                        "rank has no bulk lane", peer.rank)
+            return self._receive_one(peer, seq, None)
+        if peer.inbox.classify(seq) is not NEW:
+            return self._receive_one(peer, seq, None)  # (a duplicate, or after a gap)
+        try:
+            frames = decode_body(zframes, attach,
+                                 lambda index, n: lane.frame(peer.rank, seq, index, n))
+        except NotArrived:
+            peer.parked.appendleft((framing.BULK, seq, ack, zframes))
+            self._parked.add(peer)
+            if not peer.parked_timer:
+                peer.parked_timer = True
+                peer.parked_progress = time.monotonic()
+                self.call_later(RESYNC_AFTER, lambda: self._check_parked(peer))
+            return True
+        except Exception as e:
+            log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
+            frames = None
+        try:
+            return self._receive_one(peer, seq, frames)
+        finally:
+            lane.consumed(peer.rank, seq)
+
+    def _bulk_connected(self, inbound: Inbound) -> None:
+        """(A handshake thread of the lane.)  Read ``inbound`` in the loop from now on."""
+        with self._peers_lock:
+            if self._closed:
+                inbound.close()
+                return
+            self._bulk_in[inbound.fileno()] = inbound
+            self._sockets_version += 1
+            self._watch.add(inbound.fileno())
+        self._wake()
+
+    def _drop_bulk(self, inbound: Inbound) -> None:
+        with self._peers_lock:
+            if self._bulk_in.get(inbound.fd) is inbound:
+                del self._bulk_in[inbound.fd]
+                self._sockets_version += 1
+                self._watch.remove(inbound.fd)
+        inbound.close()
+
+    def _read_bulk(self, inbound: Inbound) -> bool:
+        """(Message loop.)  Read a bulk connection; handle what its frames
+        complete.  True if it may hold more."""
+        if self.bulk is None or inbound.closed:
+            return False
+        if self.bulk.read(inbound) and self._parked:
+            self._unpark()
+        if inbound.closed:
+            self._drop_bulk(inbound)
+        return inbound.more
+
+    def _unpark(self) -> None:
+        """(Message loop.)  Handle the parked messages whose frames are here."""
+        for peer in list(self._parked):
+            while peer.parked and not peer.lost:
+                entry = peer.parked.popleft()
+                self._handle(peer, *entry)
+                if peer.parked and peer.parked[0][3] is entry[3]:
+                    break  # its frames are not all here yet
+            if not peer.parked:
+                self._parked.discard(peer)
+        self._send_acks()
+
+    def _check_parked(self, peer: _Peer) -> None:
+        """(A timer, every RESYNC_AFTER while ``peer``'s messages are parked.)
+        If no byte came on the bulk lane meanwhile, ask for the frames again
+        (a NACK, which makes the sender connect again and resend); if none
+        came for ``peer_timeout / 2``, declare ``peer`` lost."""
+        if not peer.parked or peer.lost or self.bulk is None or self._closing:
+            peer.parked_timer = False
+            return
+        seq = peer.parked[0][1]
+        progress = max(self.bulk.last_progress(peer.rank), peer.parked_progress)
+        idle = time.monotonic() - progress
+        if idle >= self.peer_timeout / 2:
+            peer.parked_timer = False
+            self._lose(peer, PeerLostError(
+                peer.rank, f"the large frames of its message {seq} stopped arriving on the "
+                           f"bulk connection ({idle:.1f} s)"))
+            return
+        if progress == peer.parked_progress:
+            self.stats["syncs"] += 1
+            self._send_control(peer, framing.NACK, seq)
+        peer.parked_progress = progress
+        self.call_later(RESYNC_AFTER, lambda: self._check_parked(peer))
 
     def _receive_one(self, peer: _Peer, seq: int, frames: list[Any] | None) -> bool:
         """Message ``seq`` from ``peer``: handle it if it is the next one
@@ -957,6 +1103,8 @@ class Transport:
             if (peer.held and peer.put_seq <= peer.outbox.acked and not self._closed
                     and not peer.leaving_at):
                 self._flush(peer)  # the puts in flight are acknowledged: send what waited
+        if self.bulk is not None:
+            self.bulk.release(peer.rank, ack)
         _call_all(callbacks, None)
 
     def _resend(self, peer: _Peer, seq: int, closing: bool = False) -> None:
@@ -968,9 +1116,14 @@ class Transport:
             ack = peer.inbox.ack_sent = peer.inbox.handled
             peer.held, peer.held_bytes = [], 0  # (resent below, with the rest)
             peer.put_seq = peer.outbox.last_sent
+            bulk = False
             for entry_seq, body, large, _on_done in peer.outbox.from_seq(seq):
                 self.stats["resent"] += 1
-                self._post(peer, [framing.head(framing.DATA, entry_seq, ack) + body, *large])
+                control = framing.BULK if type(large) is framing.BulkLarge else framing.DATA
+                bulk |= control == framing.BULK
+                self._post(peer, [framing.head(control, entry_seq, ack) + body, *large])
+        if bulk and self.bulk is not None:  # its frames may be what is missing
+            self.bulk.resend(peer.rank)
 
     def _tell_lost(self, peer: _Peer) -> None:
         """A rank we declared lost is still talking: tell it (now and then)."""
@@ -1002,7 +1155,7 @@ class Transport:
             peer.down_since = None
             with peer.lock:
                 pending = bool(peer.outbox.unacked)
-                last = peer.outbox.last_sent
+                last = _last_posted(peer)
             if pending and not peer.lost:  # what was in flight may be lost: ask
                 self.stats["syncs"] += 1
                 self._send_control(peer, framing.SYNC, last)
@@ -1037,6 +1190,14 @@ class Transport:
             peer.error = error
             peer.held, peer.held_bytes = [], 0
             callbacks = peer.outbox.drain()
+        peer.parked.clear()
+        self._parked.discard(peer)
+        if self.bulk is not None:
+            self.bulk.peer_lost(peer.rank)
+            with self._peers_lock:
+                inbound = [i for i in self._bulk_in.values() if i.rank == peer.rank]
+            for connection in inbound:
+                self._drop_bulk(connection)
         if isinstance(error, PeerLeftError):
             log.debug("moodist: %s", error)
         else:
@@ -1049,6 +1210,13 @@ class Transport:
 
     def is_lost(self, rank: int) -> bool:
         return self.lost_error(rank) is not None
+
+
+def _last_posted(peer: _Peer) -> int:
+    """(Under ``peer.lock``.)  The seq of the last message handed to zmq: the
+    held (coalesced) ones are numbered but not sent yet, so a SYNC or ACK
+    that counted them would make the peer ask for them (a needless resend)."""
+    return peer.outbox.last_sent - len(peer.held)
 
 
 def _ignore(_frames: list[Any]) -> None:

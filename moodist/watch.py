@@ -57,6 +57,19 @@ class Watch:
             self._poll.register(fd, select.POLLIN)  # type: ignore[union-attr]
         self.alarm()  # (a poll in progress does not see it: restart it)
 
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed)."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._inner is not None:
+                    self._inner.unregister(fd)
+                else:
+                    self._poll.unregister(fd)  # type: ignore[union-attr]
+            except (KeyError, OSError, ValueError):
+                pass
+
     def mute(self) -> None:
         """Readiness of the descriptors no longer wakes :meth:`wait` (it keeps
         sleeping if it sleeps now)."""

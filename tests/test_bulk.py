@@ -1,0 +1,340 @@
+"""The bulk lane (issue 10): large frames between hosts on plain TCP beside zmq.
+
+Ranks of these tests run with ``MOODIST_SHM=0``, as ranks on different hosts
+would, so every frame of at least ``MOODIST_BULK_MIN`` (256 KiB) takes the
+lane once its connection is up.  The lane's counters (``transport.bulk.stats``)
+tell which path a frame took; every test counts items: nothing lost, nothing
+duplicated, order per sender kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from cluster import poll_until
+from test_reliability import _Warnings
+
+import moodist
+from moodist import PeerLostError, Queue, bulk
+from moodist.auth import Authenticator
+
+TIMEOUT = 30.0
+KiB, MiB = 1 << 10, 1 << 20
+
+
+@contextmanager
+def _env(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _group(ctx, **options) -> moodist.MoodistProcessGroup:
+    """A group of ranks that share no memory, as on different hosts."""
+    with _env(MOODIST_SHM="0"):
+        return moodist.MoodistProcessGroup(ctx.store, ctx.rank, ctx.size, **options)
+
+
+def _lane_up(group: moodist.MoodistProcessGroup, rank: int) -> None:
+    lane = group.node.transport.bulk
+    poll_until(lambda: lane.usable(rank), what=f"the bulk connection to rank {rank}")
+
+
+def _tensor(i: int) -> torch.Tensor:
+    """Large tensor number ``i``: several dtypes and sizes, the same on every rank."""
+    gen = torch.Generator().manual_seed(i)
+    n = (256 * KiB + 4096 * (i % 7)) // 4
+    t = torch.randint(-(2**30), 2**30, (n,), dtype=torch.int32, generator=gen)
+    return t.view(torch.float32) if i % 2 else t.reshape(-1, 16).t()  # (transposed: a copy)
+
+
+def _digest(t: torch.Tensor) -> str:
+    data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def _stream(ctx, n: int, cut_every: int = 0):
+    """Rank 0 puts ``n`` large tensors, each followed by a small object, into
+    a queue on rank 1 (cutting its bulk connection every ``cut_every``
+    puts); rank 1 takes all 2n items.  Returns rank 1's account of them."""
+    group = _group(ctx)
+    try:
+        q = Queue(group, location=1, name="bulk-stream")
+        lane = group.node.transport.bulk
+        if ctx.rank == 0:
+            _lane_up(group, 1)
+            works = []
+            for i in range(n):
+                works.append(q.put_tensor(_tensor(i)))
+                works.append(q.put_object(("after", i)))
+                if cut_every and i % cut_every == cut_every - 1:
+                    lane._senders[1].break_connection()
+            for w in works:
+                w.wait()
+            out = None
+        else:
+            got = []
+            for _ in range(n):
+                got.append(_digest(q.get_tensor(timeout=TIMEOUT)))
+                got.append(q.get_object(timeout=TIMEOUT))
+            out = got
+        ctx.barrier("done")
+        return out, dict(lane.stats)
+    finally:
+        group.shutdown()
+
+
+def _expected(n: int) -> list:
+    return [x for i in range(n) for x in (_digest(_tensor(i)), ("after", i))]
+
+
+def test_large_frames_travel_on_the_bulk_lane_in_order_with_small_puts(cluster):
+    (_, sender), (got, receiver) = cluster.run(_stream, 2, 20, timeout=120, group=False)
+    assert got == _expected(20)
+    assert sender["sent"] == receiver["received"] == 20
+    assert receiver["dropped"] == 0 and sender["connects"] == 1
+
+
+def test_cut_bulk_connections_lose_and_duplicate_nothing(cluster):
+    (_, sender), (got, receiver) = cluster.run(_stream, 2, 60, 5, timeout=120, group=False)
+    assert got == _expected(60)  # every item once, in order
+    assert sender["connects"] > 5  # it connected again after the cuts
+    assert receiver["received"] == 60  # each frame taken once; resent copies dropped
+
+
+# ---------------------------------------------------------------- a frame that never comes
+
+
+def _lost_frame(ctx, drop: str):
+    """Rank 1 throws away frames that arrive (``drop``: "first" or "all"), as a
+    cut that the sender does not notice would lose them."""
+    group = _group(ctx, peer_timeout=5.0 if drop == "first" else 1.0)
+    try:
+        q = Queue(group, location=1, name="bulk-lost")
+        transport = group.node.transport
+        if ctx.rank == 1:
+            lane = transport.bulk
+            real = lane._arrive
+            dropped = []
+
+            def arrive(rank, key, frame):
+                if drop == "all" or not dropped:
+                    dropped.append(key)
+                    return
+                real(rank, key, frame)
+
+            lane._arrive = arrive
+        ctx.barrier("patched")
+        if ctx.rank == 0:
+            _lane_up(group, 1)
+            t = _tensor(1)
+            try:
+                q.put_tensor(t).wait()
+                out = "stored"
+            except PeerLostError as e:
+                out = f"lost: {e}"
+            ctx.barrier("done", timeout=60)
+            return out, dict(transport.bulk.stats)
+        with _Warnings() as warnings:
+            try:
+                got = _digest(q.get_tensor(timeout=4))
+            except moodist.Empty:
+                got = None
+            lost = transport.lost_error(0)
+        ctx.barrier("done", timeout=60)
+        return got, str(lost), warnings.lines, dict(transport.stats)
+    finally:
+        group.shutdown()
+
+
+def test_a_frame_lost_without_a_broken_connection_is_asked_for_again(cluster):
+    (out, sender), (got, lost, _, stats) = cluster.run(_lost_frame, 2, "first", timeout=60,
+                                                        group=False)
+    assert out == "stored" and got == _digest(_tensor(1)) and lost == "None"
+    assert stats["syncs"] >= 1  # the NACK that asked for it
+    assert sender["connects"] == 2  # the resend went on a new connection
+
+
+def test_a_rank_whose_frames_stop_coming_is_declared_lost_loudly(cluster):
+    (out, _), (got, lost, warnings, _) = cluster.run(_lost_frame, 2, "all", timeout=60,
+                                                      group=False)
+    assert got is None
+    assert "stopped arriving on the bulk connection" in lost
+    assert any("stopped arriving on the bulk connection" in line for line in warnings)
+    assert out.startswith("lost: ")  # the sender is told, and its put fails
+
+
+# ---------------------------------------------------------------- other paths
+
+
+def _remote_get(ctx):
+    group = _group(ctx)
+    try:
+        q = Queue(group, location=1, name="bulk-get")
+        if ctx.rank == 1:
+            for i in range(4):
+                q.put_tensor(_tensor(i)).wait()
+            _lane_up(group, 0)
+        ctx.barrier("filled")
+        out = None
+        if ctx.rank == 0:
+            out = [_digest(q.get_tensor(timeout=TIMEOUT)) for _ in range(4)]
+        ctx.barrier("done")
+        return out, dict(group.node.transport.bulk.stats)
+    finally:
+        group.shutdown()
+
+
+def test_a_remote_get_of_a_large_item_is_answered_on_the_lane(cluster):
+    (got, getter), (_, host) = cluster.run(_remote_get, 2, timeout=60, group=False)
+    assert got == [_digest(_tensor(i)) for i in range(4)]
+    assert host["sent"] == getter["received"] == 4
+
+
+def _lane_of(ctx, **env):
+    with _env(**env):
+        group = _group(ctx, **({"encrypt": True} if env.get("ENCRYPT") else {}))
+    try:
+        q = Queue(group, location=1, name="bulk-off")
+        if ctx.rank == 0:
+            q.put_tensor(_tensor(3)).wait()
+            out = None
+        else:
+            out = _digest(q.get_tensor(timeout=TIMEOUT))
+        ctx.barrier("done")
+        return out, group.node.transport.bulk is None
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.parametrize("env", [{"MOODIST_BULK": "0"}, {"ENCRYPT": "1"}],
+                         ids=["MOODIST_BULK=0", "encrypt"])
+def test_no_lane_when_turned_off_or_encrypted(cluster, env):
+    (_, off0), (got, off1) = cluster.run(_lane_of, 2, timeout=60, group=False, **env)
+    assert got == _digest(_tensor(3)) and off0 and off1
+
+
+# ---------------------------------------------------------------- the lane alone
+
+
+class _Ends:
+    """Two lanes in this process, as ranks 0 and 1 of a group of 2."""
+
+    def __init__(self, key0: bytes = b"k", key1: bytes = b"k") -> None:
+        self.inbound: list[bulk.Inbound] = []
+        self.arrived = threading.Event()
+        self.lanes = []
+        for rank, key in enumerate((key0, key1)):
+            auth = Authenticator(key, rank, 2, curve=False)
+            self.lanes.append(bulk.Lane(auth, "127.0.0.1", self._connected))
+        addresses = [f"tcp://127.0.0.1:{9 + r}" for r in range(2)]
+        for lane in self.lanes:
+            lane.start(addresses, [lane.offer() for lane in self.lanes])
+
+    def _connected(self, inbound: bulk.Inbound) -> None:
+        self.inbound.append(inbound)
+        self.arrived.set()
+
+    def read_all(self, lane: bulk.Lane, count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        got = 0
+        while got < count:
+            assert time.monotonic() < deadline, "frames did not arrive"
+            for inbound in list(self.inbound):
+                got += lane.read(inbound)
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        for inbound in self.inbound:
+            inbound.close()
+        for lane in self.lanes:
+            lane.close()
+
+
+def test_the_lane_carries_frames_between_two_holders_of_the_key():
+    ends = _Ends()
+    try:
+        sender, receiver = ends.lanes
+        poll_until(lambda: sender.usable(1), what="the connection")
+        frames = [np.arange(n, dtype=np.uint8) for n in (1, 300 * KiB, 3 * MiB + 5)]
+        sender.send(1, 7, frames)
+        ends.read_all(receiver, 3)
+        for index, frame in enumerate(frames):
+            got = receiver.frame(0, 7, index, frame.nbytes)
+            assert np.array_equal(got, frame) and got.flags.writeable
+        with pytest.raises(bulk.NotArrived):
+            receiver.frame(0, 8, 0, 1)
+        receiver.consumed(0, 7)
+        with pytest.raises(bulk.NotArrived):
+            receiver.frame(0, 7, 0, 1)
+    finally:
+        ends.close()
+
+
+def test_the_lane_refuses_a_peer_without_the_key_both_ways():
+    ends = _Ends(b"one key", b"another key")
+    try:
+        sender, receiver = ends.lanes
+        sender.usable(1)  # starts connecting, and fails: the listener's proof is wrong
+        poll_until(lambda: sender.stats["failed"] >= 2, what="two failed attempts")
+        assert not sender.usable(1) and sender.stats["connects"] == 0
+        assert not ends.inbound
+    finally:
+        ends.close()
+
+
+def test_a_stranger_on_the_lane_port_is_refused_and_changes_nothing():
+    ends = _Ends()
+    try:
+        _, receiver = ends.lanes
+        with _Warnings() as warnings:
+            for hello in (b"GET / HTTP/1.0\r\n\r\n" + bytes(14),  # not the lane at all
+                          struct.pack("<8sII16s", b"MQBULK01", 0, 1, bytes(16))):
+                with socket.create_connection(("127.0.0.1", receiver.port)) as s:
+                    s.sendall(hello)
+                    if hello.startswith(b"MQBULK01"):  # a member's hello, with a wrong proof
+                        s.recv(48)
+                        s.sendall(bytes(32))
+                    s.settimeout(5)
+                    assert s.recv(1) == b""  # closed on it
+            poll_until(lambda: receiver.stats["refused"] == 2, what="two refusals")
+        assert not ends.inbound
+        assert warnings.count("refused a bulk connection") == 2
+    finally:
+        ends.close()
+
+
+def test_received_buffers_are_reused_only_once_nothing_uses_them():
+    pool = bulk._Pool(64 * MiB)
+    a = pool.take(MiB)
+    b = pool.take(MiB)
+    assert not np.shares_memory(a, b)
+    kept = torch.frombuffer(memoryview(a), dtype=torch.uint8)
+    kept.fill_(7)
+    del a  # the tensor still uses it
+    c = pool.take(MiB)
+    c.fill(1)
+    assert not np.shares_memory(c, b) and int(kept.sum()) == 7 * MiB
+    del b
+    d = pool.take(MiB - 100)  # the same size class: b's buffer again
+    assert pool._free_bytes == 0
+    del kept, c, d
+    assert pool._free_bytes == 3 * MiB
+    e = pool.take(MiB)
+    assert pool._free_bytes == 2 * MiB and e.flags.writeable and e.nbytes == MiB
