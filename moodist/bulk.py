@@ -37,6 +37,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
+import math
 import mmap
 import os
 import secrets
@@ -64,9 +65,12 @@ _HELLO = struct.Struct("<8sII16s")  # magic, client rank, server rank, client no
 _NONCE = 16
 _PROOF = 32
 _OK = b"\x01"
-_HANDSHAKE_TIMEOUT = 5.0
+_HANDSHAKE_TIMEOUT = 5.0  # seconds for a whole handshake
+_HANDSHAKES_MAX = 16  # connections authenticating at once (more are refused)
+_REFUSED_LOG_EVERY = 10.0  # seconds between warnings about refused connections
 _READ_MAX = 8 << 20  # bytes one read of a connection takes before the loop moves on
 _SEGMENT_WAIT_MS = 2  # how long a read waits for the next bytes of a frame it has begun
+_READ_WAIT_MAX = 0.02  # seconds one read may spend waiting so (a slow link: move on)
 _RECONNECT_MIN, _RECONNECT_MAX = 0.05, 1.0  # seconds between attempts (doubling)
 
 
@@ -91,8 +95,10 @@ def _host_of(address: str) -> str:
     return host[1:-1] if host.startswith("[") else host
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+def _recv_exact(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    """Fill ``view``; socket.timeout (an OSError) once ``deadline`` (monotonic) passes."""
     while view:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         n = sock.recv_into(view)
         if n == 0:
             raise ConnectionError("the connection was closed")
@@ -129,6 +135,9 @@ class Lane:
         self._consumed: dict[int, int] = {}  # rank -> highest seq whose frames were taken
         self._progress: dict[int, float] = {}  # rank -> when bytes last came from it
         self._pool = _Pool(POOL_BYTES)
+        self._lost: set[int] = set()  # ranks whose frames are refused from now on
+        self._handshakes = threading.BoundedSemaphore(_HANDSHAKES_MAX)
+        self._refused_logged_at = -math.inf
         self._closed = False
         # Frames sent and received, connections made and failed (ours), connections
         # refused (theirs), frames dropped on arrival as copies of ones already here.
@@ -170,10 +179,11 @@ class Lane:
         sender = self._senders.get(rank)
         if sender is not None:
             return sender.up
-        if self._closed or rank >= len(self._addresses) or self._addresses[rank] is None:
+        if (self._closed or rank >= len(self._addresses) or self._addresses[rank] is None
+                or rank in self._lost):
             return False
         with self._lock:
-            if rank not in self._senders and not self._closed:
+            if rank not in self._senders and not self._closed and rank not in self._lost:
                 self._senders[rank] = _Sender(self, rank, self._addresses[rank])  # type: ignore[arg-type]
         return False
 
@@ -229,8 +239,11 @@ class Lane:
         """Stop sending to ``rank`` and forget what it sent (the caller
         closes its inbound connections)."""
         with self._lock:
+            self._lost.add(rank)
             sender = self._senders.pop(rank, None)
             self._arrived.pop(rank, None)
+            self._consumed.pop(rank, None)
+            self._progress.pop(rank, None)
         if sender is not None:
             sender.close()
 
@@ -252,35 +265,52 @@ class Lane:
         while not self._closed:
             try:
                 conn, peer_address = self._listener.accept()
-            except OSError:
-                return
+            except OSError as e:  # (closed; or e.g. out of descriptors for a moment)
+                if not self._closed:
+                    log.debug("moodist: bulk listener: %s", e)
+                    time.sleep(_RECONNECT_MIN)
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                self._refused(peer_address, "too many connections authenticating at once")
+                _shut(conn)
+                continue
             threading.Thread(target=self._serve, args=(conn, peer_address), daemon=True,
-                             name=f"moodist-bulk-read-{self.rank}").start()
+                             name=f"moodist-bulk-handshake-{self.rank}").start()
+
+    def _refused(self, peer_address: Any, why: str) -> None:
+        """Count a refused connection; say so, at most once per _REFUSED_LOG_EVERY."""
+        self.stats["refused"] += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSED_LOG_EVERY:
+            self._refused_logged_at = now
+            log.warning("moodist: refused a bulk connection from %s (%s)",
+                        peer_address[0] if peer_address else "?", why)
 
     def _serve(self, conn: socket.socket, peer_address: Any) -> None:
         """(A thread per connection, while it authenticates.)"""
         try:
-            rank = self._handshake(conn)
-        except OSError as e:
-            log.debug("moodist: a bulk connection from %s failed: %s", peer_address[0], e)
-            _shut(conn)
-            return
-        if rank is None:
-            self.stats["refused"] += 1
-            log.warning("moodist: refused a bulk connection from %s (not a member of "
-                        "this group)", peer_address[0])
-            _shut(conn)
-            return
-        if self._closed:
-            _shut(conn)
-            return
-        self._on_connection(Inbound(rank, conn))
+            try:
+                rank = self._handshake(conn, time.monotonic() + _HANDSHAKE_TIMEOUT)
+            except OSError as e:
+                log.debug("moodist: a bulk connection from %s failed: %s", peer_address[0], e)
+                _shut(conn)
+                return
+            if rank is None:
+                self._refused(peer_address, "not a member of this group")
+                _shut(conn)
+                return
+            if self._closed or rank in self._lost:
+                _shut(conn)
+                return
+            self._on_connection(Inbound(rank, conn))
+        finally:
+            self._handshakes.release()
 
-    def _handshake(self, conn: socket.socket) -> int | None:
-        """(Listener's side.)  The authenticated rank of ``conn``, or None."""
-        conn.settimeout(_HANDSHAKE_TIMEOUT)
+    def _handshake(self, conn: socket.socket, deadline: float) -> int | None:
+        """(Listener's side.)  The authenticated rank of ``conn``, or None;
+        OSError (a timeout) if it is not done by ``deadline``."""
         hello = memoryview(bytearray(_HELLO.size))
-        _recv_exact(conn, hello)
+        _recv_exact(conn, hello, deadline)
         magic, client, server, client_nonce = _HELLO.unpack(hello)
         client = int(client)
         if (magic != _MAGIC or server != self.rank or client == self.rank
@@ -290,7 +320,7 @@ class Lane:
         nonces = client_nonce + nonce
         conn.sendall(nonce + self._auth.bulk_proof("server", client, self.rank, nonces))
         proof = memoryview(bytearray(_PROOF))
-        _recv_exact(conn, proof)
+        _recv_exact(conn, proof, deadline)
         if not hmac.compare_digest(bytes(proof),
                                    self._auth.bulk_proof("client", client, self.rank, nonces)):
             return None
@@ -306,6 +336,7 @@ class Lane:
         (its sender connects again: close it)."""
         done = 0
         budget = _READ_MAX
+        waited_until = time.monotonic() + _READ_WAIT_MAX
         sock = inbound.sock
         inbound.more = False
         while True:
@@ -339,7 +370,8 @@ class Lane:
             except BlockingIOError:
                 # Mid-frame, the rest is on its way: wait for it here, briefly,
                 # rather than go round the whole loop for every segment.
-                if inbound.frame is None or budget <= 0 or not inbound.poll.poll(_SEGMENT_WAIT_MS):
+                if (inbound.frame is None or budget <= 0 or time.monotonic() > waited_until
+                        or not inbound.poll.poll(_SEGMENT_WAIT_MS)):
                     return done
             except (OSError, MemoryError, ValueError):
                 break
@@ -348,8 +380,10 @@ class Lane:
 
     def _arrive(self, rank: int, key: tuple[int, int], frame: np.ndarray) -> None:
         with self._lock:
+            if self._closed or rank in self._lost:
+                return
             arrived = self._arrived.setdefault(rank, {})
-            if self._closed or key[0] <= self._consumed.get(rank, 0) or key in arrived:
+            if key[0] <= self._consumed.get(rank, 0) or key in arrived:
                 self.stats["dropped"] += 1  # (sent again after a reconnect)
                 return
             arrived[key] = frame
@@ -401,6 +435,10 @@ class _Pool:
         self._free: dict[int, list[mmap.mmap]] = {}
         self._free_bytes = 0
         self._lock = threading.Lock()
+        # Buffers given back while the lock was taken (by another thread, or by
+        # this one: a collection run inside take() may free an array): take()
+        # files them.  A deque's append takes no lock of ours and cannot deadlock.
+        self._returned: deque[tuple[int, mmap.mmap]] = deque()
         self._closed = False
 
     def take(self, nbytes: int) -> np.ndarray:
@@ -409,6 +447,8 @@ class _Pool:
         if capacity > self._budget:
             return np.empty(nbytes, dtype=np.uint8)
         with self._lock:
+            while self._returned:
+                self._keep(*self._returned.popleft())
             free = self._free.get(capacity)
             buffer = free.pop() if free else None
             if buffer is not None:
@@ -420,16 +460,28 @@ class _Pool:
         return array
 
     def _give_back(self, buffer: mmap.mmap, capacity: int) -> None:
-        with self._lock:
-            if self._closed or self._free_bytes + capacity > self._budget:
-                return  # (unmapped once the array's last reference lets go)
-            self._free.setdefault(capacity, []).append(buffer)
-            self._free_bytes += capacity
+        """(A finalizer: any thread, maybe inside a collection.)"""
+        if not self._lock.acquire(blocking=False):
+            if len(self._returned) < 64:
+                self._returned.append((capacity, buffer))
+            return
+        try:
+            self._keep(capacity, buffer)
+        finally:
+            self._lock.release()
+
+    def _keep(self, capacity: int, buffer: mmap.mmap) -> None:
+        """(Under the lock.)  File ``buffer`` as free, within the budget."""
+        if self._closed or self._free_bytes + capacity > self._budget:
+            return  # (unmapped once the array's last reference lets go)
+        self._free.setdefault(capacity, []).append(buffer)
+        self._free_bytes += capacity
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._free.clear()
+            self._returned.clear()
             self._free_bytes = 0
 
 
@@ -500,10 +552,10 @@ class _Sender:
             _shut(sock)
 
     def release(self, upto: int) -> None:
-        frames = self._frames
-        if not frames or frames[0][1] > upto:
+        if not self._frames:  # (most acknowledgements: no large frame in flight)
             return
         with self._cond:
+            frames = self._frames
             while frames and frames[0][1] <= upto:
                 frames.popleft()
 
@@ -527,7 +579,11 @@ class _Sender:
                     return
                 connect = self._sock is None
             if not connect:
-                self._write()
+                try:
+                    self._write()
+                except Exception:  # a bug: say so, and write again on a new connection
+                    log.exception("moodist: the bulk sender to rank %d failed", self.rank)
+                    self.reconnect()
                 continue
             try:
                 sock = self._connect()
@@ -551,13 +607,14 @@ class _Sender:
             self.lane.stats["connects"] += 1
 
     def _connect(self) -> socket.socket:
+        deadline = time.monotonic() + _HANDSHAKE_TIMEOUT
         sock = socket.create_connection(self.address, timeout=_HANDSHAKE_TIMEOUT)
         try:
             auth = self.lane._auth
             nonce = secrets.token_bytes(_NONCE)
             sock.sendall(_HELLO.pack(_MAGIC, self.lane.rank, self.rank, nonce))
             reply = memoryview(bytearray(_NONCE + _PROOF))
-            _recv_exact(sock, reply)
+            _recv_exact(sock, reply, deadline)
             nonces = nonce + bytes(reply[:_NONCE])
             if not hmac.compare_digest(bytes(reply[_NONCE:]),
                                        auth.bulk_proof("server", self.lane.rank, self.rank,
@@ -566,7 +623,7 @@ class _Sender:
                                              "to prove it holds the group's key")
             sock.sendall(auth.bulk_proof("client", self.lane.rank, self.rank, nonces))
             ok = memoryview(bytearray(1))
-            _recv_exact(sock, ok)
+            _recv_exact(sock, ok, deadline)
             if bytes(ok) != _OK:
                 raise ConnectionRefusedError(f"rank {self.rank} refused our bulk connection")
             sock.settimeout(None)

@@ -59,6 +59,12 @@ Same host: frames of at least ``MOODIST_SHM_MIN`` bytes (1 MiB) to a rank
 that shares this host's /dev/shm travel as shared-memory segments (see
 :mod:`moodist.shm`); only a small descriptor goes through zmq.
 
+Other hosts: frames of at least ``MOODIST_BULK_MIN`` bytes (256 KiB) travel
+on the bulk lane, a TCP connection per pair beside zmq (see
+:mod:`moodist.bulk`); the message loop reads it too.  Their message goes
+through zmq as ``BULK`` and waits, with every later message from its sender,
+until its frames are here (it is "parked"; see :meth:`Transport._receive_bulk`).
+
 Liveness: zmq heartbeats close a silent connection; a peer whose connection
 is down for longer than ``peer_timeout / 2`` seconds is declared lost and
 ``on_peer_lost(rank, error)`` is called once, with a PeerLostError.  Both sides
@@ -117,6 +123,7 @@ _IO_STEP_WAIT = 0.01
 # in slices this long, to see a close (which the leader itself may be running).
 _IO_LOCK_WAIT = 0.1
 _counter = itertools.count()
+_ACK_ONLY = -2  # (never on the wire) a parked NACK, answered already: only its ack is left
 
 
 def _env_float(name: str, default: float) -> float:
@@ -887,6 +894,14 @@ class Transport:
             self._tell_lost(peer)
             return
         if peer.parked:  # an earlier message waits for its bulk frames: so does this one
+            if control == framing.LOST:
+                self._lose(peer, PeerLostError(rank, "it declared this rank lost"))
+                return
+            if control == framing.NACK:
+                # What it asks for cannot wait: it may be parked on ours (both ways
+                # stalled).  Only the ack it carries waits for the parked messages.
+                self._resend(peer, seq)
+                control, seq = _ACK_ONLY, 0
             peer.parked.append((control, seq, ack, zframes))
             return
         self._handle(peer, control, seq, ack, zframes)
