@@ -1,16 +1,20 @@
 """Large frames between hosts on plain TCP connections beside zmq: the bulk lane.
 
-A large frame through zmq crosses the sender's and the receiver's libzmq I/O
-threads and a fresh libzmq allocation; at 1 MiB that is about half of what a
-plain socket moves.  So a frame of at least ``MOODIST_BULK_MIN`` bytes
-(256 KiB) to a rank that does not share this host's memory travels here
-instead: a thread per peer writes it (``sendall`` straight from the tensor's
-memory) on one TCP connection, and a thread per inbound connection reads it
-(``recv_into`` a fresh array, which the receiver owns).  The zmq message that
-carries the rest of the put (numbered, acknowledged, resent like any other)
-names the frame only by its length; the transport holds that message, and
-every later one from the same rank, until its frames are here (see
-:meth:`Lane.frame`).
+libzmq receives each message into a fresh allocation.  From 32 MiB on,
+glibc makes each one a fresh mapping, which the kernel zero-fills and faults
+in page by page as the socket writes it: about half of a receiver's CPU, and
+a 64 MiB stream at 0.5-0.6x a plain socket.  So a frame of at least
+``MOODIST_BULK_MIN`` bytes (32 MiB) to a rank that does not share this
+host's memory travels here instead: a thread per peer writes it straight
+from the tensor's memory on one TCP connection, and the receiver's message
+loop reads it, without blocking, into a buffer from a pool (:class:`_Pool`)
+that is reused once the tensor over it is gone.  (Smaller frames stay in
+zmq: glibc reuses freed memory below that size, and libzmq's threads, which
+need no GIL, then moved 512 KiB to 16 MiB frames 10-20% faster than this
+lane did.)  The zmq message that carries the rest of the put (numbered,
+acknowledged, resent like any other) names the frame only by its length; the
+transport holds that message, and every later one from the same rank, until
+its frames are here (see :meth:`Lane.frame`).
 
 Each frame goes out as ``seq u64 | index u32 | nbytes u64`` and its bytes:
 the message's seq and the frame's place among that message's bulk frames.
@@ -57,7 +61,7 @@ from .auth import Authenticator
 
 log = logging.getLogger("moodist.bulk")
 
-DEFAULT_MIN_SIZE = 256 << 10
+DEFAULT_MIN_SIZE = 32 << 20
 POOL_BYTES = 256 << 20  # receive buffers kept for reuse once the arrays over them are gone
 FRAME = struct.Struct("<QIQ")  # seq, index among the message's bulk frames, nbytes
 _MAGIC = b"MQBULK01"

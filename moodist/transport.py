@@ -59,7 +59,7 @@ Same host: frames of at least ``MOODIST_SHM_MIN`` bytes (1 MiB) to a rank
 that shares this host's /dev/shm travel as shared-memory segments (see
 :mod:`moodist.shm`); only a small descriptor goes through zmq.
 
-Other hosts: frames of at least ``MOODIST_BULK_MIN`` bytes (256 KiB) travel
+Other hosts: frames of at least ``MOODIST_BULK_MIN`` bytes (32 MiB) travel
 on the bulk lane, a TCP connection per pair beside zmq (see
 :mod:`moodist.bulk`); the message loop reads it too.  Their message goes
 through zmq as ``BULK`` and waits, with every later message from its sender,

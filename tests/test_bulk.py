@@ -1,10 +1,11 @@
 """The bulk lane (issue 10): large frames between hosts on plain TCP beside zmq.
 
 Ranks of these tests run with ``MOODIST_SHM=0``, as ranks on different hosts
-would, so every frame of at least ``MOODIST_BULK_MIN`` (256 KiB) takes the
-lane once its connection is up.  The lane's counters (``transport.bulk.stats``)
-tell which path a frame took; every test counts items: nothing lost, nothing
-duplicated, order per sender kept.
+would, and ``MOODIST_BULK_MIN`` at 256 KiB (32 MiB by default), so every
+frame of 256 KiB or more takes the lane once its connection is up.  The
+lane's counters (``transport.bulk.stats``) tell which path a frame took;
+every test counts items: nothing lost, nothing duplicated, order per sender
+kept.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _env(**values: str):
 
 def _group(ctx, **options) -> moodist.MoodistProcessGroup:
     """A group of ranks that share no memory, as on different hosts."""
-    with _env(MOODIST_SHM="0"):
+    with _env(MOODIST_SHM="0", MOODIST_BULK_MIN=str(256 * KiB)):
         return moodist.MoodistProcessGroup(ctx.store, ctx.rank, ctx.size, **options)
 
 
