@@ -355,6 +355,37 @@ def test_a_stranger_on_the_lane_port_is_refused_and_changes_nothing():
         ends.close()
 
 
+def test_a_slow_or_crowding_stranger_is_cut_off(monkeypatch):
+    monkeypatch.setattr(bulk, "_HANDSHAKE_TIMEOUT", 0.3)
+    ends = _Ends()
+    try:
+        _, receiver = ends.lanes
+        address = ("127.0.0.1", receiver.port)
+        # One byte of its hello every 0.1 s: the whole handshake gets 0.3 s.
+        with socket.create_connection(address) as s:
+            start = time.monotonic()
+            with pytest.raises(OSError):
+                for byte in b"MQBULK01" + bytes(24):
+                    s.send(bytes([byte]))
+                    time.sleep(0.1)
+            assert time.monotonic() - start < 2
+        assert receiver.stats["refused"] == 0  # (cut off, not refused: it said nothing wrong)
+        # Idle connections that never say hello: the 17th is refused at once.
+        monkeypatch.setattr(bulk, "_HANDSHAKE_TIMEOUT", 30.0)
+        crowd = [socket.create_connection(address) for _ in range(bulk._HANDSHAKES_MAX)]
+        try:
+            poll_until(lambda: receiver._handshakes._value == 0, what="16 handshakes")
+            with socket.create_connection(address) as s:
+                s.settimeout(5)
+                assert s.recv(1) == b""
+            assert receiver.stats["refused"] == 1
+        finally:
+            for c in crowd:
+                c.close()
+    finally:
+        ends.close()
+
+
 def test_a_buffer_freed_while_the_pool_is_busy_is_not_a_deadlock():
     pool = bulk._Pool(64 * MiB)
     a = pool.take(MiB)
