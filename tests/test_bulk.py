@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import threading
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from cluster import poll_until
-from test_reliability import _Warnings
+from test_reliability import _hand_back, _run_with_victim, _Warnings
 
 import moodist
 from moodist import PeerLostError, Queue, bulk
@@ -213,6 +214,43 @@ def _both_ways(ctx):
 def test_frames_lost_both_ways_at_once_are_both_asked_for_again(cluster):
     for ok, dropped, resent in cluster.run(_both_ways, 2, timeout=60, group=False):
         assert ok and dropped == 1 and resent >= 1
+
+
+def _killed_mid_frame(ctx, token):
+    """Rank 0 writes half of a large frame to rank 1, then dies (SIGKILL)."""
+    group = _group(ctx, peer_timeout=1.0)
+    q = Queue(group, location=1, name="bulk-killed")
+    if ctx.rank == 0:
+        _lane_up(group, 1)
+        q.put_object("before")  # (stored first: order)
+
+        def half_then_die(sock, seq, index, frame):
+            view = memoryview(frame).cast("B")
+            sock.sendall(bulk.FRAME.pack(seq, index, view.nbytes) + view[: view.nbytes // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        bulk._send_frame = half_then_die
+        q.put_tensor(_tensor(5)).wait()
+        raise AssertionError("still alive")
+    transport = group.node.transport
+    got = [q.get_object(timeout=TIMEOUT)]
+    poll_until(lambda: transport.lost_error(0) is not None, what="rank 0 declared lost")
+    try:
+        got.append(q.get_tensor(block=False))
+    except moodist.Empty:
+        pass
+    lane = transport.bulk
+    _hand_back(ctx, token, (got, str(transport.lost_error(0)), dict(lane._arrived),
+                            [i.rank for i in transport._bulk_in.values()]))
+    group.shutdown()
+
+
+def test_a_sender_killed_mid_frame_is_lost_and_delivers_nothing_half_done(cluster):
+    out = _run_with_victim(cluster, _killed_mid_frame, 2, victim=0)
+    got, lost, arrived, inbound = out[1]
+    assert got == ["before"]  # the put whose frame was cut is not there, even in part
+    assert "lost contact with rank 0" in lost
+    assert not arrived and 0 not in inbound  # nothing kept from it
 
 
 # ---------------------------------------------------------------- other paths
