@@ -12,6 +12,7 @@ the next run), so a hang fails one test instead of the whole suite.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import itertools
@@ -19,7 +20,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from queue import Empty
 from typing import Any
@@ -238,6 +239,21 @@ def error_of(fn: Callable[[], Any]) -> tuple[str, str] | None:
     except Exception as e:
         return type(e).__name__, str(e)
     return None
+
+
+@contextlib.contextmanager
+def temporary_env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a ``with`` block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def poll_until(cond: Callable[[], object], timeout: float = 10.0,

@@ -17,12 +17,11 @@ import socket
 import struct
 import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from cluster import poll_until
+from cluster import poll_until, temporary_env
 from test_reliability import _hand_back, _run_with_victim, _Warnings
 
 import moodist
@@ -33,23 +32,9 @@ TIMEOUT = 30.0
 KiB, MiB = 1 << 10, 1 << 20
 
 
-@contextmanager
-def _env(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _group(ctx, **options) -> moodist.MoodistProcessGroup:
     """A group of ranks that share no memory, as on different hosts."""
-    with _env(MOODIST_SHM="0", MOODIST_BULK_MIN=str(256 * KiB)):
+    with temporary_env(MOODIST_SHM="0", MOODIST_BULK_MIN=str(256 * KiB)):
         return moodist.MoodistProcessGroup(ctx.store, ctx.rank, ctx.size, **options)
 
 
@@ -281,7 +266,7 @@ def test_a_remote_get_of_a_large_item_is_answered_on_the_lane(cluster):
 
 
 def _lane_of(ctx, **env):
-    with _env(**env):
+    with temporary_env(**env):
         group = _group(ctx, **({"encrypt": True} if env.get("ENCRYPT") else {}))
     try:
         q = Queue(group, location=1, name="bulk-off")

@@ -9,12 +9,11 @@ on subgroups work on a gloo job, attaching a MoodistProcessGroup once per torch 
 from __future__ import annotations
 
 import datetime
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from cluster import ends_together, error_of, free_port
+from cluster import ends_together, error_of, free_port, temporary_env
 
 import moodist
 
@@ -27,17 +26,9 @@ INIT_TIMEOUT = datetime.timedelta(seconds=30)
 def _init(ctx, backend: str, method: str, port: int) -> None:
     """init_process_group on this worker with ``method`` ("env" or "tcp")."""
     if method == "env":
-        saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        try:
+        with temporary_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)):
             dist.init_process_group(backend, init_method="env://", rank=ctx.rank,
                                     world_size=ctx.size, timeout=INIT_TIMEOUT)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=ctx.rank,
                                 world_size=ctx.size, timeout=INIT_TIMEOUT)
