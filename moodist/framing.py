@@ -50,7 +50,7 @@ _MAX_FRAMES = 1 << 20
 DATA = 0  # a message for the node, numbered by seq
 ACK = 1  # "I have handled your messages up to ack" (every message carries ack); seq: my last
 #          message before it (a receiver that lacks it takes the ack once it is resent)
-NACK = 2  # "resend from seq": a message before it is missing
+NACK = 2  # "resend from seq": a message before it is missing (its ack is not taken)
 SYNC = 3  # "I have sent up to seq": answered by ACK, or NACK if something is missing
 LOST = 4  # "I have declared you lost": the receiver declares the sender lost too
 BYE = 5  # "I am leaving the group" (clean shutdown)

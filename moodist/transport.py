@@ -918,6 +918,8 @@ class Transport:
             in_order = self._receive_data(peer, control, seq, ack, zframes)
         elif control == framing.NACK:
             self._resend(peer, seq)
+            in_order = False  # (its seq says what it lacks, not what it sent: its ack
+            #                   comes again on the traffic that follows the resend)
         elif control == framing.SYNC:
             missing = peer.inbox.answer_sync(seq)
             in_order = not missing
@@ -943,7 +945,9 @@ class Transport:
         """``peer`` said BYE, having sent up to ``last_sent``.  Once everything
         up to it is handled (a NACK first asks for what is missing: it resends
         while it waits for acknowledgements), acknowledge and declare it left."""
-        if ack:  # what it handled succeeded (before its outbox is failed below)
+        if ack and peer.inbox.handled >= last_sent:  # what it handled succeeded (before
+            # its outbox is failed below); if messages before the BYE are missing, the
+            # ack comes with them when they are resent (one may refuse a put).
             with peer.lock:
                 callbacks = peer.outbox.ack(ack)  # (held puts are not sent: it leaves)
             _call_all(callbacks, None)

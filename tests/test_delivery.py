@@ -397,6 +397,102 @@ def test_a_refused_put_whose_error_reply_is_lost_is_still_refused(cluster):
     assert outcome == "refused"
 
 
+def _refused_put_whose_error_and_ack_are_lost(ctx):
+    """As above, but the host's ACK is lost too, and the next message to carry
+    its acknowledgement is a NACK (as if something from rank 1 were missing)."""
+    g, rank = ctx.group, ctx.rank
+    transport = g.node.transport
+    transport.ensure_connected(1 - rank)  # (so no SYNC follows a first connection)
+    poll_until(lambda: transport._peers[1 - rank].connected, what="connected")
+    ctx.barrier("connected")
+    if rank == 0:
+        Queue(g, location=0, name="sized", maxsize=5)
+        post, lost = transport._post, []
+
+        def lossy(peer, frames):
+            control = framing.decode_head(frames[0])[0]
+            if peer.rank == 1 and len(lost) < 2:
+                if control == framing.DATA:
+                    lost.append(protocol.parse(framing.decode_body(frames)).kind)
+                    return
+                if control == framing.ACK and lost:
+                    lost.append("ACK")
+                    return
+            post(peer, frames)
+
+        transport._post = lossy
+    ctx.barrier("host made it")
+    outcome = None
+    if rank == 1:
+        q = Queue(g, location=0, name="sized")
+        work = q.put_object("x")
+    else:
+        poll_until(lambda: len(lost) == 2, what="the ERROR and the ACK lost")
+        peer = transport._peers[1]
+        transport._send_control(peer, framing.NACK, peer.inbox.expected)
+    if rank == 1:
+        try:
+            work.wait()
+            outcome = "stored"
+        except QueueMismatchError:
+            outcome = "refused"
+    ctx.barrier("end")
+    return outcome if rank == 1 else lost
+
+
+def test_a_refused_put_is_not_settled_by_the_ack_a_nack_carries(cluster):
+    # Before, the NACK's ack settled the put as stored: its seq names what its
+    # sender lacks, so whether a reply of its sender's was lost before it is unknown.
+    lost, outcome = cluster.run(_refused_put_whose_error_and_ack_are_lost, 2, timeout=60)
+    assert lost == [protocol.Kind.ERROR, "ACK"]
+    assert outcome == "refused"
+
+
+def _refused_put_then_host_leaves(ctx):
+    """The host's ERROR and ACK are lost, then the host shuts down: its BYE
+    carries the acknowledgement, after a message that never came."""
+    g, rank = ctx.group, ctx.rank
+    transport = g.node.transport
+    transport.ensure_connected(1 - rank)
+    poll_until(lambda: transport._peers[1 - rank].connected, what="connected")
+    ctx.barrier("connected")
+    if rank == 0:
+        Queue(g, location=0, name="sized", maxsize=5)
+        post, lost = transport._post, []
+
+        def lossy(peer, frames):
+            control = framing.decode_head(frames[0])[0]
+            if peer.rank == 1 and len(lost) < 2:
+                if control == framing.DATA:
+                    lost.append(protocol.parse(framing.decode_body(frames)).kind)
+                    return
+                if control == framing.ACK and lost:
+                    lost.append("ACK")
+                    return
+            post(peer, frames)
+
+        transport._post = lossy
+    ctx.barrier("host made it")
+    if rank == 0:
+        poll_until(lambda: len(lost) == 2, what="the ERROR and the ACK lost")
+        g.shutdown()
+        return lost
+    q = Queue(g, location=0, name="sized")
+    try:
+        q.put_object("x").wait()
+        return "stored"
+    except QueueMismatchError:
+        return "refused"
+    except PeerLostError:
+        return "lost"
+
+
+def test_a_refused_put_is_not_settled_by_the_ack_of_its_hosts_goodbye(cluster):
+    lost, outcome = cluster.run(_refused_put_then_host_leaves, 2, timeout=60)
+    assert lost == [protocol.Kind.ERROR, "ACK"]
+    assert outcome == "refused"  # (the leaver resends the ERROR the BYE follows)
+
+
 def test_named_queues_constructed_differently_raise_on_first_contact(cluster):
     host, other = cluster.run(_named_mismatch, 2, timeout=60)
     assert "maxsize=0" in other["put"] and "maxsize=5" in other["put"]
