@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,24 +195,76 @@ def dumps(obj: Any, snapshot: bool = True) -> list[Any]:
     so the caller may modify ``obj`` right away.  Without it the buffers alias
     the object's memory (used when the result is consumed immediately).
     Raises whatever pickling raises (e.g. TypeError, pickle.PicklingError).
+    Thread safe.
     """
-    buffers: list[Any] = []
+    state = _reusable
+    if state.busy:  # (an object's reduction pickles again, on this thread)
+        return _Dumping().dump(obj, snapshot)
+    state.busy = True
+    try:
+        return state.dumping.dump(obj, snapshot)
+    finally:
+        state.busy = False
 
-    def on_buffer(pb: pickle.PickleBuffer) -> bool:
+
+class _Dumping:
+    """A pickler, its stream and the out-of-band buffers of one dump."""
+
+    def __init__(self) -> None:
+        self.buffers: list[Any] = []
+        self.snapshot = True
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self.stream = io.BytesIO()
+        self.pickler = _Pickler(self.stream, protocol=5, buffer_callback=self._on_buffer)
+
+    def _on_buffer(self, pb: pickle.PickleBuffer) -> bool:
         raw = pb.raw()
         if raw.nbytes < INBAND_LIMIT:
             return True  # in band
-        if snapshot:
+        if self.snapshot:
             copy = torch.empty(raw.nbytes, dtype=torch.uint8)
             copy.numpy()[:] = raw  # one memcpy
-            buffers.append(copy.numpy())
+            self.buffers.append(copy.numpy())
         else:
-            buffers.append(raw)
+            self.buffers.append(raw)
         return False
 
-    stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=on_buffer).dump(obj)
-    return [stream.getbuffer(), *buffers]
+    def dump(self, obj: Any, snapshot: bool) -> list[Any]:
+        self.snapshot, self.buffers = snapshot, []
+        stream = self.stream
+        try:
+            self.pickler.dump(obj)
+            if stream.tell() <= _REUSE_MAX:  # bytes: a copy, but no view pins the stream
+                frames = [stream.getvalue(), *self.buffers]
+                stream.seek(0)
+                stream.truncate()
+            else:  # (no copy; the next dump gets a new stream)
+                frames = [stream.getbuffer(), *self.buffers]
+                self._fresh()
+            return frames
+        except BaseException:
+            stream.seek(0)
+            stream.truncate()
+            raise
+        finally:
+            self.pickler.clear_memo()  # (the memo holds what was pickled)
+            self.buffers = []
+
+
+class _Reusable(threading.local):
+    """Each thread's pickler, reused from dump to dump: making one (a Pickler
+    subclass, its stream and callback) was 1 us of the 1.7 a small object's
+    pickling took."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.dumping = _Dumping()
+
+
+_reusable = _Reusable()
+_REUSE_MAX = 1 << 16  # pickles up to this size are copied out of a reused stream
 
 
 def loads(frames: Sequence[Any]) -> Any:

@@ -427,3 +427,57 @@ def test_serialize_then_deserialize_of_a_serialized_blob():
     out = roundtrip([inner])
     assert torch.equal(out[0], inner)
     assert torch.equal(moodist.deserialize(out[0])["x"], torch.arange(5))
+
+
+# ---------------------------------------------------------------------------- the reused pickler
+
+
+class _Payload:
+    pass
+
+
+class _Nested:
+    def __reduce__(self):
+        from moodist.serialize import dumps, loads
+
+        return (loads, (dumps({"inner": [1, 2, 3]}),))
+
+
+def test_each_threads_pickler_is_reused_safely():
+    from moodist.serialize import dumps, loads
+
+    # A failed dump leaves nothing behind for the next one.
+    with pytest.raises((pickle.PicklingError, TypeError)):
+        dumps({"a": [1, 2], "lock": threading.Lock()})
+    assert loads(dumps({"b": 3})) == {"b": 3}
+
+    # Nothing pickled is kept alive by the pickler's memo.
+    payload = _Payload()
+    ref = __import__("weakref").ref(payload)
+    loads(dumps([payload, payload]))
+    del payload
+    assert ref() is None
+
+    # A reduction that pickles again (on the same thread) gets a pickler of its own.
+    assert loads(dumps(["outer", _Nested(), "after"])) == ["outer", {"inner": [1, 2, 3]}, "after"]
+
+    # A large pickle is not copied out, and the next dump does not write over it.
+    big = list(range(50_000))
+    frames = dumps(big)
+    assert isinstance(frames[0], memoryview)
+    dumps(list(range(50_000, 100_000)))
+    assert loads(frames) == big
+
+    # Threads each pickle with their own.
+    results: dict[int, bool] = {}
+
+    def work(k: int) -> None:
+        results[k] = all(loads(dumps({"k": k, "i": i})) == {"k": k, "i": i}
+                         for i in range(2000))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {k: True for k in range(4)}
