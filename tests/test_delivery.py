@@ -397,17 +397,20 @@ def test_a_refused_put_whose_error_reply_is_lost_is_still_refused(cluster):
     assert outcome == "refused"
 
 
-def _refused_put_whose_error_and_ack_are_lost(ctx):
-    """As above, but the host's ACK is lost too, and the next message to carry
-    its acknowledgement is a NACK (as if something from rank 1 were missing)."""
+def _host_loses_its_error_and_ack(ctx) -> list:
+    """Rank 0 hosts "sized" bounded and will lose its first DATA (the ERROR
+    refusing rank 1's unbounded put) and the ACK after it, on the way to rank
+    1; the connections are made first, so no SYNC follows a first connection.
+    Returns what rank 0 lost, as it loses it."""
     g, rank = ctx.group, ctx.rank
     transport = g.node.transport
-    transport.ensure_connected(1 - rank)  # (so no SYNC follows a first connection)
+    transport.ensure_connected(1 - rank)
     poll_until(lambda: transport._peers[1 - rank].connected, what="connected")
     ctx.barrier("connected")
+    lost: list = []
     if rank == 0:
         Queue(g, location=0, name="sized", maxsize=5)
-        post, lost = transport._post, []
+        post = transport._post
 
         def lossy(peer, frames):
             control = framing.decode_head(frames[0])[0]
@@ -422,22 +425,35 @@ def _refused_put_whose_error_and_ack_are_lost(ctx):
 
         transport._post = lossy
     ctx.barrier("host made it")
+    return lost
+
+
+def _put_outcome(work) -> str:
+    try:
+        work.wait()
+        return "stored"
+    except QueueMismatchError:
+        return "refused"
+    except PeerLostError:
+        return "lost"
+
+
+def _refused_put_whose_error_and_ack_are_lost(ctx):
+    """Then the next message to carry the host's acknowledgement is a NACK (as
+    if something from rank 1 were missing)."""
+    lost = _host_loses_its_error_and_ack(ctx)
     outcome = None
-    if rank == 1:
-        q = Queue(g, location=0, name="sized")
-        work = q.put_object("x")
+    if ctx.rank == 1:
+        work = Queue(ctx.group, location=0, name="sized").put_object("x")
     else:
         poll_until(lambda: len(lost) == 2, what="the ERROR and the ACK lost")
+        transport = ctx.group.node.transport
         peer = transport._peers[1]
         transport._send_control(peer, framing.NACK, peer.inbox.expected)
-    if rank == 1:
-        try:
-            work.wait()
-            outcome = "stored"
-        except QueueMismatchError:
-            outcome = "refused"
+    if ctx.rank == 1:
+        outcome = _put_outcome(work)
     ctx.barrier("end")
-    return outcome if rank == 1 else lost
+    return outcome if ctx.rank == 1 else lost
 
 
 def test_a_refused_put_is_not_settled_by_the_ack_a_nack_carries(cluster):
@@ -449,42 +465,14 @@ def test_a_refused_put_is_not_settled_by_the_ack_a_nack_carries(cluster):
 
 
 def _refused_put_then_host_leaves(ctx):
-    """The host's ERROR and ACK are lost, then the host shuts down: its BYE
-    carries the acknowledgement, after a message that never came."""
-    g, rank = ctx.group, ctx.rank
-    transport = g.node.transport
-    transport.ensure_connected(1 - rank)
-    poll_until(lambda: transport._peers[1 - rank].connected, what="connected")
-    ctx.barrier("connected")
-    if rank == 0:
-        Queue(g, location=0, name="sized", maxsize=5)
-        post, lost = transport._post, []
-
-        def lossy(peer, frames):
-            control = framing.decode_head(frames[0])[0]
-            if peer.rank == 1 and len(lost) < 2:
-                if control == framing.DATA:
-                    lost.append(protocol.parse(framing.decode_body(frames)).kind)
-                    return
-                if control == framing.ACK and lost:
-                    lost.append("ACK")
-                    return
-            post(peer, frames)
-
-        transport._post = lossy
-    ctx.barrier("host made it")
-    if rank == 0:
+    """Then the host shuts down: its BYE carries the acknowledgement, after a
+    message that never came."""
+    lost = _host_loses_its_error_and_ack(ctx)
+    if ctx.rank == 0:
         poll_until(lambda: len(lost) == 2, what="the ERROR and the ACK lost")
-        g.shutdown()
+        ctx.group.shutdown()
         return lost
-    q = Queue(g, location=0, name="sized")
-    try:
-        q.put_object("x").wait()
-        return "stored"
-    except QueueMismatchError:
-        return "refused"
-    except PeerLostError:
-        return "lost"
+    return _put_outcome(Queue(ctx.group, location=0, name="sized").put_object("x"))
 
 
 def test_a_refused_put_is_not_settled_by_the_ack_of_its_hosts_goodbye(cluster):
