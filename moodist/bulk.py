@@ -62,7 +62,7 @@ from .auth import Authenticator
 log = logging.getLogger("moodist.bulk")
 
 DEFAULT_MIN_SIZE = 32 << 20
-POOL_BYTES = 256 << 20  # receive buffers kept for reuse once the arrays over them are gone
+POOL_BYTES = 256 << 20  # receive buffers kept for reuse (MOODIST_BULK_POOL)
 FRAME = struct.Struct("<QIQ")  # seq, index among the message's bulk frames, nbytes
 _MAGIC = b"MQBULK01"
 _HELLO = struct.Struct("<8sII16s")  # magic, client rank, server rank, client nonce
@@ -86,11 +86,11 @@ def _off() -> bool:
     return os.environ.get("MOODIST_BULK", "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def _min_size() -> int:
+def _env_bytes(name: str, default: int, least: int) -> int:
     try:
-        return max(1, int(os.environ.get("MOODIST_BULK_MIN", DEFAULT_MIN_SIZE)))
+        return max(least, int(os.environ.get(name, default)))
     except ValueError:
-        return DEFAULT_MIN_SIZE
+        return default
 
 
 def _host_of(address: str) -> str:
@@ -116,10 +116,11 @@ class Lane:
 
     def __init__(self, auth: Authenticator, bind_host: str,
                  on_connection: Callable[[Inbound], None],
-                 min_size: int = DEFAULT_MIN_SIZE) -> None:
+                 min_size: int = DEFAULT_MIN_SIZE, pool_bytes: int = POOL_BYTES) -> None:
         """``on_connection(inbound)`` is called (on a handshake thread) for
         each authenticated connection from a peer: the message loop reads it
-        from then on (:meth:`read`)."""
+        from then on (:meth:`read`).  ``pool_bytes``: receive buffers kept
+        for reuse (0: none)."""
         self.rank = auth.rank
         self.min_size = min_size
         self._auth = auth
@@ -138,7 +139,7 @@ class Lane:
         self._arrived: dict[int, dict[tuple[int, int], np.ndarray]] = {}
         self._consumed: dict[int, int] = {}  # rank -> highest seq whose frames were taken
         self._progress: dict[int, float] = {}  # rank -> when bytes last came from it
-        self._pool = _Pool(POOL_BYTES)
+        self._pool = _Pool(pool_bytes)
         self._lost: set[int] = set()  # ranks whose frames are refused from now on
         self._handshakes = threading.BoundedSemaphore(_HANDSHAKES_MAX)
         self._refused_logged_at = -math.inf
@@ -158,7 +159,9 @@ class Lane:
         if curve or _off():
             return None
         try:
-            return cls(auth, bind_host, on_connection, _min_size())
+            return cls(auth, bind_host, on_connection,
+                       _env_bytes("MOODIST_BULK_MIN", DEFAULT_MIN_SIZE, 1),
+                       _env_bytes("MOODIST_BULK_POOL", POOL_BYTES, 0))
         except OSError as e:
             log.info("moodist: no bulk lane (%s); large frames use zmq", e)
             return None

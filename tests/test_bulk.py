@@ -409,6 +409,22 @@ def test_a_slow_or_crowding_stranger_is_cut_off(monkeypatch):
         ends.close()
 
 
+def test_the_lane_is_configured_from_the_environment(monkeypatch):
+    auth = Authenticator(b"k", 0, 2, curve=False)
+    monkeypatch.setenv("MOODIST_BULK_MIN", str(MiB))
+    monkeypatch.setenv("MOODIST_BULK_POOL", "0")
+    lane = bulk.Lane.open(auth, "127.0.0.1", lambda inbound: None, curve=False)
+    try:
+        assert lane is not None and lane.min_size == MiB
+        a = lane._pool.take(MiB)
+        del a
+        assert lane._pool._free_bytes == 0  # (no pool: nothing kept)
+    finally:
+        lane.close()
+    monkeypatch.setenv("MOODIST_BULK", "0")
+    assert bulk.Lane.open(auth, "127.0.0.1", lambda inbound: None, curve=False) is None
+
+
 def test_a_buffer_freed_while_the_pool_is_busy_is_not_a_deadlock():
     pool = bulk._Pool(64 * MiB)
     a = pool.take(MiB)
