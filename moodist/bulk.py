@@ -87,9 +87,13 @@ def _off() -> bool:
 
 
 def _env_bytes(name: str, default: int, least: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
     try:
-        return max(least, int(os.environ.get(name, default)))
+        return max(least, int(value))
     except ValueError:
+        log.warning("moodist: %s=%r is not a number of bytes; using %d", name, value, default)
         return default
 
 

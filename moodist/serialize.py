@@ -240,16 +240,15 @@ class _Dumping:
                 frames = [stream.getvalue(), *self.buffers]
                 stream.seek(0)
                 stream.truncate()
-            else:  # (no copy; the next dump gets a new stream)
+                self.pickler.clear_memo()  # (it holds what was pickled)
+            else:  # no copy; and a new pickler, as clear_memo() keeps its table's size
                 frames = [stream.getbuffer(), *self.buffers]
                 self._fresh()
             return frames
         except BaseException:
-            stream.seek(0)
-            stream.truncate()
+            self._fresh()
             raise
         finally:
-            self.pickler.clear_memo()  # (the memo holds what was pickled)
             self.buffers = []
 
 
@@ -264,7 +263,9 @@ class _Reusable(threading.local):
 
 
 _reusable = _Reusable()
-_REUSE_MAX = 1 << 16  # pickles up to this size are copied out of a reused stream
+# Pickles up to this size are copied out, and their pickler reused: a small
+# pickle has a small memo, and clear_memo() zeroes the whole table each dump.
+_REUSE_MAX = 4096
 
 
 def loads(frames: Sequence[Any]) -> Any:

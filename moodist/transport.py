@@ -123,7 +123,6 @@ _IO_STEP_WAIT = 0.01
 # in slices this long, to see a close (which the leader itself may be running).
 _IO_LOCK_WAIT = 0.1
 _counter = itertools.count()
-_ACK_ONLY = -2  # (never on the wire) a parked NACK, answered already: only its ack is left
 
 
 def _env_float(name: str, default: float) -> float:
@@ -899,9 +898,9 @@ class Transport:
                 return
             if control == framing.NACK:
                 # What it asks for cannot wait: it may be parked on ours (both ways
-                # stalled).  Only the ack it carries waits for the parked messages.
+                # stalled).  (A NACK's ack is never taken: see _handle.)
                 self._resend(peer, seq)
-                control, seq = _ACK_ONLY, 0
+                return
             peer.parked.append((control, seq, ack, zframes))
             return
         self._handle(peer, control, seq, ack, zframes)
@@ -1128,19 +1127,26 @@ class Transport:
 
     def _resend(self, peer: _Peer, seq: int, closing: bool = False) -> None:
         """Send again every unacknowledged message from ``seq`` on (``closing``:
-        from close(), which waits for the peer's acknowledgements)."""
+        from close(), which waits for the peer's acknowledgements).  Only the
+        last carries the acknowledgement: what this rank handled since it
+        first sent the others may have been refused in one after them."""
         with peer.lock:
             if self._closed and not closing:
                 return
-            ack = peer.inbox.ack_sent = peer.inbox.handled
+            entries = peer.outbox.from_seq(seq)
+            last = peer.outbox.last_sent
+            ack = peer.inbox.handled
+            if entries:  # (the last entry is the last message: it carries the ack)
+                peer.inbox.ack_sent = ack
             peer.held, peer.held_bytes = [], 0  # (resent below, with the rest)
-            peer.put_seq = peer.outbox.last_sent
+            peer.put_seq = last
             bulk = False
-            for entry_seq, body, large, _on_done in peer.outbox.from_seq(seq):
+            for entry_seq, body, large, _on_done in entries:
                 self.stats["resent"] += 1
                 control = framing.BULK if type(large) is framing.BulkLarge else framing.DATA
                 bulk |= control == framing.BULK
-                self._post(peer, [framing.head(control, entry_seq, ack) + body, *large])
+                head = framing.head(control, entry_seq, ack if entry_seq == last else 0)
+                self._post(peer, [head + body, *large])
         if bulk and self.bulk is not None:  # its frames may be what is missing
             self.bulk.resend(peer.rank)
 

@@ -481,6 +481,83 @@ def test_a_refused_put_is_not_settled_by_the_ack_of_its_hosts_goodbye(cluster):
     assert outcome == "refused"  # (the leaver resends the ERROR the BYE follows)
 
 
+@contextlib.contextmanager
+def _two_transports(monkeypatch, on_message_b, resync_after: float = 60.0):
+    """Ranks 0 and 1 of a group, as bare transports in this process: rank 0
+    acknowledges only b"warm" at once; rank 1 hands what it gets to
+    ``on_message_b``.  By default no resync tick settles anything meanwhile."""
+    from moodist import transport as transport_module
+
+    monkeypatch.setattr(transport_module, "RESYNC_AFTER", resync_after)
+    make = transport_module.Transport
+    a = make(0, 2, b"k" * 32, "127.0.0.1", lambda r, f: bytes(f[0]) == b"warm",
+             lambda r, e: None, peer_timeout=30.0)
+    b = make(1, 2, b"k" * 32, "127.0.0.1", on_message_b, lambda r, e: None, peer_timeout=30.0)
+    addresses, offers = [a.address, b.address], [a.auth.offer(), b.auth.offer()]
+    a.start(addresses, offers)
+    b.start(addresses, offers)
+    try:
+        done: list = []
+        assert b.send(0, [b"warm"], done.append)
+        poll_until(lambda: done == [None], what="the first message acknowledged")
+        a.ensure_connected(1)
+        poll_until(lambda: a._peers[1].connected, what="rank 0 connected to rank 1")
+        yield a, b
+    finally:
+        a.close(linger=0.2)
+        b.close(linger=0.2)
+
+
+def test_resent_messages_carry_the_ack_only_on_the_last(monkeypatch):
+    # Rank 0's reply, then its ERROR refusing rank 1's put, are lost and resent:
+    # the put must not be settled before the ERROR is handled.
+    events: list = []
+    with _two_transports(monkeypatch, lambda r, f: events.append(bytes(f[0]))) as (a, b):
+        real = a._post
+        a._post = lambda peer, frames: None  # a blip: what rank 0 sends is lost
+        a.send(1, [b"an earlier reply"])
+        assert b.send(0, [b"put"], lambda e: events.append(("settled", e)))
+        poll_until(lambda: a._peers[1].inbox.handled == 2, what="the put handled")
+        a.send(1, [b"ERROR refusing the put"])
+        a._post = real
+        peer = b._peers[0]
+        b._send_control(peer, framing.NACK, peer.inbox.expected)
+        poll_until(lambda: len(events) == 3, what="the resent messages handled")
+    assert events == [b"an earlier reply", b"ERROR refusing the put", ("settled", None)]
+
+
+def test_a_nack_that_waits_behind_parked_messages_acknowledges_nothing(monkeypatch):
+    # Then a resync tick finds the lost ERROR: it must come before the ack.
+    events: list = []
+    with _two_transports(monkeypatch, lambda r, f: events.append(bytes(f[0])),
+                         resync_after=0.2) as (a, b):
+        peer = b._peers[0]
+        parked = threading.Event()
+
+        def park() -> None:  # as if a message from rank 0 waited for its bulk frames
+            import zmq
+
+            peer.parked.append((framing.ACK, 0, 0, [zmq.Frame(framing.head(framing.ACK, 0, 0))]))
+            b._parked.add(peer)
+            parked.set()
+
+        b.call_later(0, park)
+        assert parked.wait(5)
+        assert b.send(0, [b"put"], lambda e: events.append(("settled", e)))
+        poll_until(lambda: a._peers[1].inbox.handled == 2, what="the put handled")
+        real = a._post
+        a._post = lambda peer, frames: None
+        a.send(1, [b"ERROR refusing the put"])  # lost
+        a._post = real
+        # A NACK that carries the acknowledgement: answered at once (rank 1 resends
+        # its put), though rank 1's messages from rank 0 are parked.
+        a._send_control(a._peers[1], framing.NACK, 2)
+        poll_until(lambda: b.stats["resent"] == 1, what="the NACK answered")
+        b.call_later(0, b._unpark)  # the parked message is here: what waited is handled
+        poll_until(lambda: len(events) == 2, what="the put settled")
+    assert events == [b"ERROR refusing the put", ("settled", None)]
+
+
 def test_named_queues_constructed_differently_raise_on_first_contact(cluster):
     host, other = cluster.run(_named_mismatch, 2, timeout=60)
     assert "maxsize=0" in other["put"] and "maxsize=5" in other["put"]

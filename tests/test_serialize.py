@@ -461,6 +461,21 @@ def test_each_threads_pickler_is_reused_safely():
     # A reduction that pickles again (on the same thread) gets a pickler of its own.
     assert loads(dumps(["outer", _Nested(), "after"])) == ["outer", {"inner": [1, 2, 3]}, "after"]
 
+    # A pickler is reused only after small pickles: clear_memo() keeps the memo
+    # table's size, and a failed or large dump may have grown it.
+    from moodist.serialize import _reusable
+
+    dumps({"small": 1})
+    first = _reusable.dumping.pickler
+    dumps({"small": 2})
+    assert _reusable.dumping.pickler is first
+    dumps([[i] for i in range(3000)])
+    assert _reusable.dumping.pickler is not first
+    second = _reusable.dumping.pickler
+    with pytest.raises((pickle.PicklingError, TypeError)):
+        dumps([threading.Lock()])
+    assert _reusable.dumping.pickler is not second
+
     # A large pickle is not copied out, and the next dump does not write over it.
     big = list(range(50_000))
     frames = dumps(big)
