@@ -207,7 +207,7 @@ def _killed_mid_frame(ctx, token):
     q = Queue(group, location=1, name="bulk-killed")
     if ctx.rank == 0:
         _lane_up(group, 1)
-        q.put_object("before")  # (stored first: order)
+        q.put_object("before").wait()  # (stored before the kill, which loses what zmq holds)
 
         def half_then_die(sock, seq, index, frame):
             view = memoryview(frame).cast("B")
