@@ -115,8 +115,8 @@ def _recv_exact(sock: socket.socket, view: memoryview, deadline: float) -> None:
 
 class Lane:
     """One rank's end of the bulk lane: a listener, a sender per peer it sends
-    large frames to, a reader per peer connection, and the frames that
-    arrived and wait for their messages."""
+    large frames to, the reading of each inbound connection (:meth:`read`, by
+    the message loop), and the frames that arrived and wait for their messages."""
 
     def __init__(self, auth: Authenticator, bind_host: str,
                  on_connection: Callable[[Inbound], None],
@@ -200,8 +200,12 @@ class Lane:
 
     def send(self, rank: int, seq: int, frames: Sequence[Any]) -> None:
         """Queue the bulk frames of message ``seq`` to ``rank`` (buffers, kept
-        and not copied until :meth:`release`); never blocks."""
-        self._senders[rank].add(seq, frames)
+        and not copied until :meth:`release`); never blocks.  (Dropped if the
+        lane to ``rank`` was closed meanwhile: the rank is lost, or this one
+        is shutting down.)"""
+        sender = self._senders.get(rank)
+        if sender is not None:
+            sender.add(seq, frames)
 
     def resend(self, rank: int) -> None:
         """``rank`` misses a frame: connect to it again and write every frame
