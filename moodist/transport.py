@@ -491,7 +491,9 @@ class Transport:
                 return desc
             if (lane is not None and nbytes >= lane.min_size and lane.usable(rank)
                     and memoryview(frame).c_contiguous):
-                bulk = [frame] if bulk is None else [*bulk, frame]
+                if bulk is None:
+                    bulk = []
+                bulk.append(frame)
                 return framing.BULK_FRAME
             return None
 
