@@ -1,12 +1,13 @@
 """What a rank asks of the hosts of other ranks' queues, and the answers it waits for.
 
 Each request gets an id unique on this rank and a :class:`Future` completed by
-its reply (``on_reply``), by the channel's acknowledgement (puts, whose host
-stores on receipt), or by an error (the host's ERROR, the host's loss, this
-rank's shutdown).  A caller that gives up on a request it is waiting for (its
-timeout passed the guard, or any exception interrupted it) cancels it, and an
-item that was already on its way to it is handed back (RETURN) rather than
-lost; a get confirms its item (CONFIRM) once it has decoded it.
+its reply (``on_reply``), or by an error (the host's ERROR, the host's loss,
+this rank's shutdown).  A plain put, which its host stores on receipt, is
+completed by the channel's acknowledgement instead (see :mod:`moodist.ledger`).
+A caller that gives up on a request it is waiting for (its timeout passed the
+guard, or any exception interrupted it) cancels it, and an item that was
+already on its way to it is handed back (RETURN) rather than lost; a get
+confirms its item (CONFIRM) once it has decoded it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .futures import Future, Leader
 from .items import Item, ItemKind
+from .ledger import PutLedger
 from .protocol import ErrorCode, Kind, Message, QueueRef
 from .storage import note_put_outcome
 from .transport import Transport
@@ -71,26 +73,6 @@ class _Fanout:
         self.error: BaseException | None = None
 
 
-class _AckedRequest(Future):
-    """A request the channel's acknowledgement completes (a put): the Future is
-    its own ``on_done``, so that a put in flight costs no closure (every
-    object a put keeps alive until acknowledged is work for Python's cyclic
-    garbage collector, whose full passes scan them all)."""
-
-    __slots__ = ("_client", "_rid")
-
-    def __init__(self, peer: int, leader: Leader, client: Client, rid: int) -> None:
-        super().__init__(peer, leader)
-        self._client = client
-        self._rid = rid
-
-    def __call__(self, error: BaseException | None) -> None:
-        client = self._client
-        with client._lock:
-            client._pending.pop(self._rid, None)
-        self.settle(error)
-
-
 class Client:
     """Requests from this rank to other ranks.  Thread safe."""
 
@@ -99,6 +81,7 @@ class Client:
         self.transport = transport
         self._ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
+        self._ledgers: dict[int, PutLedger] = {}  # plain puts in flight, by host
         self._abandoned: dict[int, int] = {}  # request id -> host, for late replies
         self._fanouts: dict[int, _Fanout] = {}  # multicast puts in flight, by put id
         self._told: set[tuple[str, int]] = set()  # (qid, lost copy) a multicast put reported
@@ -107,37 +90,54 @@ class Client:
 
     # ------------------------------------------------------------------ requests
 
-    def request(self, peer: int, build: Callable[[int], list[Any]],
-                acked: bool = False) -> Future:
+    def request(self, peer: int, build: Callable[[int], list[Any]]) -> Future:
         """Send ``build(request id)`` to ``peer``; the Future completes with
-        the reply (or, with ``acked``, once ``peer`` has handled it).  Raises
-        PeerLostError/GroupShutdownError if it cannot be sent."""
-        return self._start(peer, build, acked)[1]
+        the reply.  Raises PeerLostError/GroupShutdownError if it cannot be sent."""
+        return self._start(peer, build)[1]
 
-    def _start(self, peer: int, build: Callable[[int], list[Any]],
-               acked: bool = False) -> tuple[int, Future]:
+    def _start(self, peer: int, build: Callable[[int], list[Any]]) -> tuple[int, Future]:
         if self._closed is not None:
             raise self._closed
         rid = next(self._ids)
-        fut: Future
-        on_done: _AckedRequest | None = None
-        if acked:
-            fut = on_done = _AckedRequest(peer, self.transport, self, rid)
-        else:
-            fut = Future(peer, self.transport)
+        fut = Future(peer, self.transport)
         with self._lock:
             self._pending[rid] = fut
-        if not self.transport.send(peer, build(rid), on_done):
+        if not self.transport.send(peer, build(rid)):
             with self._lock:
                 self._pending.pop(rid, None)
             raise self._closed or self.transport.lost_error(peer) or PeerLostError(peer)
         return rid, fut
 
-    def put(self, host: int, ref: QueueRef, route: tuple[int, ...], items: list[Item]) -> Future:
-        """Store ``items`` at ``host`` (for multicast, ``host`` is ``route[0]``,
-        the sequencer).  Completes when stored (at every copy)."""
-        return self._start(host, lambda rid: protocol.encode_put(rid, ref, route, items),
-                           acked=not route)[1]
+    def put(self, host: int, ref: QueueRef, items: list[Item]) -> Future:
+        """Store ``items`` at ``host`` (a queue that is not multicast).
+        Completes when stored: when ``host`` acknowledges the message."""
+        if self._closed is not None:
+            raise self._closed
+        ledger = self._ledgers.get(host) or self._ledger(host)
+        rid = next(self._ids)
+        seq = self.transport.send(host, protocol.encode_put(rid, ref, (), items), awaited=True)
+        if not seq:
+            raise self._closed or self.transport.lost_error(host) or PeerLostError(host)
+        return ledger.sent(self.transport, seq, rid)
+
+    def _ledger(self, host: int) -> PutLedger:
+        with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            ledger = self._ledgers.get(host)
+            if ledger is None:
+                ledger = self._ledgers[host] = PutLedger(host)
+                lost = self.transport.lost_error(host)
+                if lost is not None:
+                    ledger.fail(lost)
+        return ledger
+
+    def acknowledged(self, rank: int, upto: int) -> None:
+        """(Message loop.)  ``rank`` has handled this rank's messages up to
+        ``upto``: the plain puts among them are stored (or were refused)."""
+        ledger = self._ledgers.get(rank)
+        if ledger is not None:
+            ledger.acknowledged(upto)
 
     def put_multicast(self, ref: QueueRef, route: tuple[int, ...], items: list[Item],
                       host: Host) -> Future:
@@ -179,8 +179,10 @@ class Client:
         """This rank's puts not yet stored everywhere they go (plain puts and
         multicast puts), e.g. for a shutdown to give them time to finish."""
         with self._lock:
-            return [*(fut for fut in self._pending.values() if isinstance(fut, _AckedRequest)),
-                    *(fan.future for fan in self._fanouts.values())]
+            ledgers = list(self._ledgers.values())
+            fanouts = [fan.future for fan in self._fanouts.values()]
+        lasts = [ledger.until_last(self.transport) for ledger in ledgers]
+        return [*(put for put in lasts if put is not None), *fanouts]
 
     def copy_stored(self, rank: int, rid: int, error: BaseException | None = None) -> None:
         """Copy ``rank`` has stored (or refused) this rank's multicast put ``rid``."""
@@ -401,6 +403,8 @@ class Client:
         if fut is None:
             if msg.kind is Kind.ITEM:  # for no request of ours: never keep it from the queue
                 self.transport.send(rank, protocol.encode_simple(Kind.RETURN, msg.req_id))
+            elif error_reply is not None and (ledger := self._ledgers.get(rank)) is not None:
+                ledger.refused(msg.req_id, _error_from(*error_reply, rank))  # a plain put
             return
         if error_reply is not None:
             fut.set_error(_error_from(*error_reply, rank))
@@ -414,6 +418,9 @@ class Client:
             for rid in [r for r, h in self._abandoned.items() if h == rank]:
                 del self._abandoned[rid]
             fanouts = [rid for rid, fan in self._fanouts.items() if rank in fan.waiting]
+            ledger = self._ledgers.get(rank)
+        if ledger is not None:
+            ledger.fail(error)
         for fut in futures:
             fut.set_error(error)
         for rid in fanouts:
@@ -428,5 +435,8 @@ class Client:
             self._pending.clear()
             self._abandoned.clear()
             self._fanouts.clear()
+            ledgers = list(self._ledgers.values())
+        for ledger in ledgers:
+            ledger.fail(error)
         for fut in futures:
             fut.set_error(error)

@@ -40,6 +40,7 @@ class Node:
         self._closed: BaseException | None = None
         self.transport = transport_factory(self._on_message, self._on_peer_lost)
         self.client = Client(rank, self.transport)
+        self.transport.on_acknowledged = self.client.acknowledged
         self.host = Host(rank, size, self.transport, self.client.copy_stored)
         host = self.host
         self._handlers: dict[Kind, Callable[[int, Message], None]] = {
@@ -72,7 +73,7 @@ class Node:
         if route:
             return self.client.put_multicast(ref, route, items, self.host)
         if host != self.rank:
-            return self.client.put(host, ref, route, items)
+            return self.client.put(host, ref, items)
         self.host._storage_for(self.rank, ref).put(items)
         return Future.completed()
 

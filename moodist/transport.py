@@ -29,10 +29,11 @@ Delivery: exactly once and in order per pair of ranks while both live, across
 reconnects (sequence numbers, acknowledgements and resends: see
 :mod:`moodist.channel`).  ``send(..., on_done)`` calls ``on_done(None)`` once
 the peer has handled the message, or ``on_done(error)`` if the peer is lost or
-the transport closes first.
+the transport closes first; :attr:`Transport.on_acknowledged` hears each
+peer's acknowledgements move (whose sender keeps no callback per message).
 
-Coalescing (Nagle's rule, for small puts): a send with ``on_done`` (a put,
-which its receiver acknowledges at once) whose frames are all inline goes out
+Coalescing (Nagle's rule, for small puts): an awaited send (a put, which its
+receiver acknowledges at once) whose frames are all inline goes out
 at once unless an earlier one to the same peer still waits for its
 acknowledgement; then it waits, and everything that waited goes out as one
 BATCH message when that acknowledgement arrives (or at once, ahead of any
@@ -323,6 +324,9 @@ class Transport:
         # Its inbound connections by descriptor (what zmq's poll names), under _peers_lock.
         self._bulk_in: dict[int, Inbound] = {}
         self._parked: set[_Peer] = set()  # the loop's: peers with messages parked
+        # Called (rank, acknowledged seq) by the message loop each time a peer's
+        # acknowledgement moves (after the on_done callbacks it completes).
+        self.on_acknowledged: Callable[[int, int], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -463,22 +467,26 @@ class Transport:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, rank: int, frames: Sequence[Any], on_done: OnDone | None = None) -> bool:
+    def send(self, rank: int, frames: Sequence[Any], on_done: OnDone | None = None,
+             awaited: bool = False) -> int:
         """Queue ``frames`` for ``rank``.  Thread safe; never blocks.
 
-        Returns False (and never calls ``on_done``) if ``rank`` is lost or
-        the transport is closed.  Otherwise ``on_done`` (if given) is called
-        exactly once: with None once ``rank`` has handled the message, or with
-        the error if it is lost or this transport closes first.  Messages to
-        one rank are handled in the order their ``send`` calls took the peer's
-        lock.  Frames at or above zmq's copy threshold are sent without a copy
-        (zmq and the outbox hold a reference until acknowledged): do not
-        modify them until then.  A send with ``on_done`` may be coalesced
-        with the next ones (see the module doc).
+        Returns the message's seq, or 0 (and never calls ``on_done``) if
+        ``rank`` is lost or the transport is closed.  Otherwise ``on_done``
+        (if given) is called exactly once: with None once ``rank`` has
+        handled the message, or with the error if it is lost or this
+        transport closes first.  Messages to one rank are handled in the
+        order their ``send`` calls took the peer's lock.  Frames at or above
+        zmq's copy threshold are sent without a copy (zmq and the outbox hold
+        a reference until acknowledged): do not modify them until then.  A
+        send with ``on_done``, or ``awaited`` (its sender learns the outcome
+        from :attr:`on_acknowledged`), may be coalesced with the next ones
+        (see the module doc).
         """
         peer = self._peers.get(rank) or self._connect(rank)
         if peer is None or peer.error is not None:
-            return False
+            return 0
+        awaited = awaited or on_done is not None
         export = self._exporter(rank)
         lane = self.bulk
         small = True  # every frame is inline (only small puts are held back)
@@ -500,11 +508,11 @@ class Transport:
         body, large = encode_body(frames, export_large)
         with peer.lock:
             if self._closed or peer.error is not None:
-                return False
+                return 0
             if bulk is not None:
                 large = framing.BulkLarge(large)
             seq = peer.outbox.add(body, large, on_done)
-            hold = on_done is not None and small
+            hold = awaited and small
             if bulk is None and (peer.held or (hold and peer.put_seq > peer.outbox.acked)):
                 peer.held.append((seq, body, large))
                 peer.held_bytes += len(body)
@@ -513,7 +521,7 @@ class Transport:
             else:
                 if peer.held:
                     self._flush(peer)  # (a BULK message is never batched)
-                if on_done is not None:
+                if awaited:
                     peer.put_seq = seq
                 ack = peer.inbox.ack_sent = peer.inbox.handled
                 control = framing.DATA if bulk is None else framing.BULK
@@ -525,7 +533,7 @@ class Transport:
             # timer (this happens once per second at most while messages flow).
             self._tick_wanted = True
             self._wake()
-        return True
+        return seq
 
     def _flush(self, peer: _Peer) -> None:
         """(Under ``peer.lock``.)  Send the held messages, as one BATCH."""
@@ -952,6 +960,7 @@ class Transport:
             with peer.lock:
                 callbacks = peer.outbox.ack(ack)  # (held puts are not sent: it leaves)
             _call_all(callbacks, None)
+            self._tell_acknowledged(peer)
         if peer.inbox.handled < last_sent:
             if not peer.leaving_at:
                 peer.leaving_at = last_sent
@@ -1126,6 +1135,14 @@ class Transport:
         if self.bulk is not None:
             self.bulk.release(peer.rank, ack)
         _call_all(callbacks, None)
+        self._tell_acknowledged(peer)
+
+    def _tell_acknowledged(self, peer: _Peer) -> None:
+        if self.on_acknowledged is not None:
+            try:
+                self.on_acknowledged(peer.rank, peer.outbox.acked)
+            except Exception:
+                log.exception("moodist: acknowledgement handler failed")
 
     def _resend(self, peer: _Peer, seq: int, closing: bool = False) -> None:
         """Send again every unacknowledged message from ``seq`` on (``closing``:

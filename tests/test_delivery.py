@@ -397,6 +397,65 @@ def test_a_refused_put_whose_error_reply_is_lost_is_still_refused(cluster):
     assert outcome == "refused"
 
 
+def _refusals_reach_whoever_holds_the_work(ctx):
+    """Rank 0 hosts "sized" bounded; rank 1 puts to it as unbounded (refused)
+    and to "open" (stored), interleaved, and learns each outcome after the
+    acknowledgement came: by ``done()``, ``wait()`` in any order, and
+    ``await``.  A refused put whose work was dropped in flight is logged."""
+    import asyncio
+    import logging
+
+    g, rank = ctx.group, ctx.rank
+    if rank == 0:
+        Queue(g, location=0, name="sized", maxsize=5)
+        Queue(g, location=0, name="open")
+    ctx.barrier("host made them")
+    out: dict = {}
+    if rank == 1:
+        sized, good = Queue(g, location=0, name="sized"), Queue(g, location=0, name="open")
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logging.getLogger("moodist.client").addHandler(handler)
+        works = [(sized if i % 3 == 0 else good).put_object(i) for i in range(30)]
+        sized.put_object("dropped in flight")  # (its work dies here)
+        good.put_object("last").wait()  # every earlier put is acknowledged now
+        out["done"] = all(w.done() for w in works)
+        outcomes = []
+        for w in reversed(works):
+            try:
+                w.wait()
+                outcomes.append("stored")
+            except QueueMismatchError:
+                outcomes.append("refused")
+        out["outcomes"] = outcomes[::-1]
+
+        async def awaited():
+            try:
+                await sized.put_object("awaited")
+            except QueueMismatchError:
+                return "refused"
+            return "stored"
+
+        out["awaited"] = asyncio.run(awaited())
+        out["logged"] = [r.getMessage() for r in records]
+        ledger = g.node.client._ledgers[0]
+        out["kept"] = len(ledger._refused) + len(ledger._dropped) + len(ledger._waiters)
+        out["stored"] = good.qsize()
+    ctx.barrier("end")
+    return out
+
+
+def test_a_refused_put_is_reported_to_whoever_holds_its_work_and_logged_if_dropped(cluster):
+    _, out = cluster.run(_refusals_reach_whoever_holds_the_work, 2, timeout=60)
+    assert out["done"]
+    assert out["outcomes"] == ["refused" if i % 3 == 0 else "stored" for i in range(30)]
+    assert out["awaited"] == "refused"
+    assert len(out["logged"]) == 1 and "dropped unchecked" in out["logged"][0], out["logged"]
+    assert out["kept"] == 0  # nothing left behind for a refusal or a dropped work
+    assert out["stored"] == 20 + 1
+
+
 def _host_loses_its_error_and_ack(ctx) -> list:
     """Rank 0 hosts "sized" bounded and will lose its first DATA (the ERROR
     refusing rank 1's unbounded put) and the ACK after it, on the way to rank

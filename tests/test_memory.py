@@ -59,9 +59,11 @@ def test_two_gib_of_dropped_tensors_keep_rss_within_300_mb(cluster):
 #
 # Every container object a message keeps alive until it is acknowledged (sender)
 # or taken (host) is scanned by Python's cyclic garbage collector, and a full
-# pass scans everything torch imported too (~170k objects, ~50 ms here): with a
+# pass scans everything torch imported too (~170k objects, ~50-90 ms here): with a
 # put in flight costing 9 such objects and a stored item 3, full passes took a
-# third of the time of a stream of small objects.
+# third of the time of a stream of small objects.  A put in flight whose work
+# was dropped now keeps none (its outbox entry holds bytes and ints, and its
+# Future is its owner's alone: see moodist.ledger).
 
 
 def _tracked() -> int:
@@ -101,5 +103,5 @@ def _gc_share(ctx, count: int):
 def test_puts_in_flight_and_stored_items_cost_the_garbage_collector_little(cluster):
     per_stored, per_put = cluster.run(_gc_share, 2, 2000, timeout=60)
     print(f"tracked objects: {per_put:.2f} per put in flight, {per_stored:.2f} per stored item")
-    assert per_put <= 3, per_put  # its Future and its outbox entry
+    assert per_put <= 0.05, per_put  # nothing (it was 2: its Future and its outbox entry)
     assert per_stored <= 1.5, per_stored  # the Item (its frames are bytes, in a tuple)
