@@ -25,12 +25,13 @@ frame, so a typical message is one.
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 MAGIC = b"MQ"
-VERSION = 3
+VERSION = 4  # (4: one frame before the items of a PUT; see moodist.protocol)
 HEAD = struct.Struct("<2sBBQQ")
 _COUNT = struct.Struct("<I")
 _MAX_BATCH = 1 << 16
@@ -44,6 +45,7 @@ _BULK = 1 << 61
 # bytes are not; at tens of thousands of messages a second its full passes
 # were a third of a receiver's time).
 COPY_BELOW = 512
+_FLAGS = _INLINE | _SHM | _BULK
 _MAX_FRAMES = 1 << 20
 
 # control codes
@@ -165,9 +167,15 @@ def decode_body(zframes: Sequence[Any],
     return frames
 
 
-def decode_batch(zframes: Sequence[Any],
-                 attach: Callable[[memoryview], Any] | None = None) -> list[list[Any]]:
-    """The frames of each message of a BATCH, in order (as :func:`decode_body`)."""
+def decode_batch(zframes: Sequence[Any], attach: Callable[[memoryview], Any] | None = None
+                 ) -> Iterator[list[Any] | ValueError]:
+    """The frames of each message of a BATCH, in order (as :func:`decode_body`),
+    decoded one at a time as the caller iterates: each message's list then
+    dies once it is handled (a whole batch of them alive at once outlived the
+    garbage collector's young passes).  Raises ValueError at once if the
+    batch's own table does not match what arrived; a message whose frame
+    table does not is yielded as a ValueError instead (the receiver consumes
+    it unhandled, as a malformed message sent alone)."""
     if not zframes:
         raise ValueError("empty message")
     view = memoryview(getattr(zframes[0], "buffer", zframes[0]))
@@ -180,16 +188,20 @@ def decode_batch(zframes: Sequence[Any],
         raise ValueError("bad batch count")
     sizes = struct.unpack_from(f"<{n}I", view, pos)
     pos += 4 * n
-    large = iter(zframes[1:])
-    messages = []
-    for size in sizes:
-        if pos + size > view.nbytes:
-            raise ValueError("batch body runs past the message")
-        messages.append(_decode_region(view, pos, pos + size, large, attach))
+    if pos + sum(sizes) != view.nbytes:
+        raise ValueError("batch bodies do not fill the message")
+    return _batch_messages(view, pos, sizes, iter(zframes[1:]), attach)
+
+
+def _batch_messages(view: memoryview, pos: int, sizes: Sequence[int], large: Iterator[Any],
+                    attach: Callable[[memoryview], Any] | None
+                    ) -> Iterator[list[Any] | ValueError]:
+    for size in sizes:  # (large frames left over at the end are ignored)
+        try:
+            yield _decode_region(view, pos, pos + size, large, attach)
+        except ValueError as e:
+            yield e
         pos += size
-    if pos != view.nbytes or next(large, None) is not None:
-        raise ValueError("bytes left over after the last message of a batch")
-    return messages
 
 
 def encode_batch(first_seq: int, ack: int, entries: Sequence[tuple[bytes, list[Any]]]
@@ -199,6 +211,12 @@ def encode_batch(first_seq: int, ack: int, entries: Sequence[tuple[bytes, list[A
     table = _COUNT.pack(len(bodies)) + struct.pack(f"<{len(bodies)}I", *map(len, bodies))
     large = [frame for _, frames in entries for frame in frames]
     return [b"".join([head(BATCH, first_seq, ack), table, *bodies]), *large]
+
+
+@functools.lru_cache(maxsize=64)
+def _table(count: int) -> struct.Struct:
+    """The frame table of ``count`` lengths."""
+    return struct.Struct(f"<{count}Q")
 
 
 def _decode_region(view: memoryview, pos: int, end: int, large: Any,
@@ -217,25 +235,42 @@ def _decode_region(view: memoryview, pos: int, end: int, large: Any,
     frames: list[Any] = []
     shared: list[int] = []
     bulk = 0
-    for n in struct.unpack_from(f"<{count}Q", view, lengths_at):
-        if n & _INLINE:
-            if n & _SHM:
-                shared.append(len(frames))
-            n &= ~(_INLINE | _SHM)
+    lengths = _table(count).unpack_from(view, lengths_at)
+    # A small region is copied out once and its frames sliced from that (one
+    # allocation each, where a view's slice and its copy are two).
+    raw = view[pos:end].tobytes() if end - pos < COPY_BELOW else None
+    base = pos
+    for n in lengths:
+        flags = n & _FLAGS
+        if flags == _INLINE:  # (most frames)
+            n ^= _INLINE
             if pos + n > end:
                 raise ValueError("inline frame runs past the message")
-            frames.append(view[pos : pos + n].tobytes() if n < COPY_BELOW else view[pos : pos + n])
+            if raw is not None:
+                frames.append(raw[pos - base : pos - base + n])
+            else:
+                frames.append(view[pos : pos + n].tobytes() if n < COPY_BELOW
+                              else view[pos : pos + n])
             pos += n
-        elif n & _BULK:
+        elif flags == _INLINE | _SHM:
+            n ^= flags
+            if pos + n > end:
+                raise ValueError("inline frame runs past the message")
+            shared.append(len(frames))
+            frames.append(view[pos : pos + n].tobytes())
+            pos += n
+        elif flags == _BULK:
             if fetch is None:
                 raise ValueError("bulk frame in a message that may not have one")
-            frames.append(fetch(bulk, n & ~_BULK))
+            frames.append(fetch(bulk, n ^ _BULK))
             bulk += 1
-        else:
+        elif flags == 0:
             frame = next(large, None)
             if frame is None or len(frame) != n:
                 raise ValueError("large frame missing or of the wrong size")
             frames.append(frame)
+        else:
+            raise ValueError("bad frame length flags")
     if pos != end:
         raise ValueError("bytes left over after the last frame")
     if shared and attach is None:

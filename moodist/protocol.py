@@ -12,7 +12,7 @@ The remaining frames depend on the kind:
 ===========  ===============================================  ===============  ================
 kind         frames after the header                          sent by          answered by
 ===========  ===============================================  ===============  ================
-PUT          qid, spec, route, manifest, item frames...       putter -> host   (note 1)
+PUT          put head (below), item frames...                 putter -> host   (note 1)
 PUT_BOUNDED  qid, spec, bound params, manifest, item frames   putter -> host   ACK | ERROR
 MDATA        qid, spec, sequencer u32, manifest, item frames  putter -> copy   STORED (note 2)
 ORDER        qid, putter u32 (the id is the putter's put id)  sequencer->copy  none (note 2)
@@ -48,6 +48,12 @@ first: the item goes back to the head of its queue).  If the getter's rank is
 lost first, the host puts the item back too.  So an item leaves its host only
 into a get that returns it.
 
+A PUT, the message of every put, has one frame before its items' (libzmq's
+and the decoders' costs are per frame)::
+
+    qid length u16 | spec length u16 | route length u16 | qid | spec
+    | route (u32 ranks) | manifest
+
 ``qid`` is the queue's key (utf-8).  ``spec`` describes the queue as the sender
 constructed it (location, maxsize): a host that knows the queue with another
 spec answers ERROR QUEUE_MISMATCH.  ``route`` lists the ranks a multicast put
@@ -79,9 +85,12 @@ _WAIT_PARAMS = struct.Struct("<Bd")  # wait for an item?, timeout (s)
 _BOUND_PARAMS = struct.Struct("<Qd")  # maxsize (>= 1), timeout (s; <0 forever, 0 poll)
 _MANIFEST_HEAD = struct.Struct("<I")
 _MANIFEST_ENTRY = struct.Struct("<BI")
+_MANIFEST_ONE = struct.Struct("<IBI")  # a manifest of one item
+_PUT_HEAD = struct.Struct("<HHH")  # PUT: queue id, spec and route lengths
 _ROUTE_ENTRY = struct.Struct("<I")
 MAX_ITEMS = 1 << 20
 MAX_QID = 4096
+MAX_ROUTE = 4096
 
 
 class ProtocolError(ValueError):
@@ -121,6 +130,7 @@ class ErrorCode(enum.IntEnum):
 
 
 _KINDS = {k.value: k for k in Kind}
+_PUT = Kind.PUT.value
 _ITEM_KINDS = {k.value: k for k in ItemKind}
 
 
@@ -183,6 +193,8 @@ def _text(frame: Any, what: str, allow_empty: bool = False) -> str:
 
 
 _known_queues: dict[tuple[bytes, bytes], QueueRef] = {}  # decoded once: a queue's id and spec
+_known_puts: dict[bytes, tuple[QueueRef, tuple[int, ...]]] = {}  # decoded once: PUT heads
+_put_prefixes: dict[tuple[QueueRef, tuple[int, ...]], bytes] = {}  # encoded once
 
 
 def _queue(msg: Message) -> QueueRef:
@@ -217,30 +229,43 @@ def _timeout(wire: float) -> float | None:
 
 def encode_items(items: Sequence[Item]) -> list[Any]:
     """``[manifest, *frames of every item]``."""
+    manifest, frames = _manifest(items)
+    return [manifest, *frames]
+
+
+def _manifest(items: Sequence[Item]) -> tuple[bytes, Sequence[Any]]:
+    """``(manifest, the frames of every item)``."""
+    if len(items) == 1:  # (most puts)
+        item = items[0]
+        return _MANIFEST_ONE.pack(1, item.kind, len(item.frames)), item.frames
     manifest = bytearray(_MANIFEST_HEAD.pack(len(items)))
-    frames: list[Any] = [manifest]
+    frames: list[Any] = []
     for item in items:
         manifest += _MANIFEST_ENTRY.pack(item.kind, len(item.frames))
         frames.extend(item.frames)
-    frames[0] = bytes(manifest)
-    return frames
+    return bytes(manifest), frames
 
 
 def decode_items(frames: Sequence[Any]) -> list[Item]:
     if not frames:
         raise ProtocolError("missing manifest")
-    manifest = _bytes(frames[0])
-    if len(manifest) < _MANIFEST_HEAD.size:
+    return _decode_manifest(_bytes(frames[0]), 0, frames, 1)
+
+
+def _decode_manifest(raw: bytes, at: int, frames: Sequence[Any], first: int) -> list[Item]:
+    """The items a manifest at ``raw[at:]`` (to its end) describes, whose
+    frames are ``frames[first:]`` (all of them)."""
+    if len(raw) < at + _MANIFEST_HEAD.size:
         raise ProtocolError("short manifest")
-    (count,) = _MANIFEST_HEAD.unpack_from(manifest)
-    if count > MAX_ITEMS or len(manifest) != _MANIFEST_HEAD.size + count * _MANIFEST_ENTRY.size:
+    (count,) = _MANIFEST_HEAD.unpack_from(raw, at)
+    at += _MANIFEST_HEAD.size
+    if count > MAX_ITEMS or len(raw) != at + count * _MANIFEST_ENTRY.size:
         raise ProtocolError("manifest size does not match its count")
     items = []
-    pos = 1
-    for i in range(count):
-        code, nframes = _MANIFEST_ENTRY.unpack_from(
-            manifest, _MANIFEST_HEAD.size + i * _MANIFEST_ENTRY.size
-        )
+    pos = first
+    entries = ((_MANIFEST_ENTRY.unpack_from(raw, at),) if count == 1
+               else _MANIFEST_ENTRY.iter_unpack(raw[at:]))
+    for code, nframes in entries:
         kind = _ITEM_KINDS.get(code)
         if kind is None:
             raise ProtocolError(f"unknown item kind {code}")
@@ -262,20 +287,47 @@ def decode_items(frames: Sequence[Any]) -> list[Item]:
 # ----------------------------------------------------------------------------- requests
 
 
-def encode_put(req_id: int, ref: QueueRef, route: Sequence[int],
+def encode_put(req_id: int, ref: QueueRef, route: tuple[int, ...],
                items: Sequence[Item]) -> list[Any]:
-    route_frame = b"".join([_ROUTE_ENTRY.pack(r) for r in route]) if route else b""
-    return [header(Kind.PUT, req_id), ref.qid.encode(), ref.spec.encode(), route_frame,
-            *encode_items(items)]
+    prefix = _put_prefixes.get((ref, route))
+    if prefix is None:
+        prefix = _put_prefix(ref, route)
+    manifest, frames = _manifest(items)
+    return [HEADER.pack(_PUT, req_id), prefix + manifest, *frames]
+
+
+def _put_prefix(ref: QueueRef, route: tuple[int, ...]) -> bytes:
+    qid, spec = ref.qid.encode(), ref.spec.encode()
+    if len(qid) > MAX_QID or len(spec) > MAX_QID or len(route) > MAX_ROUTE:
+        raise ValueError("queue id, spec or route too long")
+    prefix = b"".join([_PUT_HEAD.pack(len(qid), len(spec), len(route)), qid, spec,
+                       *(_ROUTE_ENTRY.pack(r) for r in route)])
+    if len(_put_prefixes) < 4096:  # (a bound: one per queue and route in use)
+        _put_prefixes[(ref, route)] = prefix
+    return prefix
 
 
 def decode_put(msg: Message) -> tuple[QueueRef, list[int], list[Item]]:
-    _expect(msg, 4)
-    route_raw = _bytes(msg.frames[2])
-    if len(route_raw) % _ROUTE_ENTRY.size:
-        raise ProtocolError("bad route")
-    route = [r for (r,) in _ROUTE_ENTRY.iter_unpack(route_raw)]
-    return _queue(msg), route, decode_items(msg.frames[3:])
+    _expect(msg, 1)
+    raw = _bytes(msg.frames[0])
+    if len(raw) < _PUT_HEAD.size:
+        raise ProtocolError("short PUT head")
+    qid_len, spec_len, route_len = _PUT_HEAD.unpack_from(raw)
+    end = _PUT_HEAD.size + qid_len + spec_len + _ROUTE_ENTRY.size * route_len
+    if len(raw) < end:
+        raise ProtocolError("PUT head shorter than its lengths")
+    key = raw[:end]
+    target = _known_puts.get(key)
+    if target is None:
+        qid_end = _PUT_HEAD.size + qid_len
+        spec_end = qid_end + spec_len
+        ref = QueueRef(_text(raw[_PUT_HEAD.size:qid_end], "queue id"),
+                       _text(raw[qid_end:spec_end], "queue spec", True))
+        target = ref, tuple(r for (r,) in _ROUTE_ENTRY.iter_unpack(raw[spec_end:end]))
+        if len(_known_puts) < 4096:  # (a bound: keys come from the wire)
+            _known_puts[key] = target
+    ref, route = target
+    return ref, list(route), _decode_manifest(raw, end, msg.frames, 1)
 
 
 def encode_put_bounded(req_id: int, ref: QueueRef, maxsize: int, timeout: float | None,

@@ -190,7 +190,7 @@ class Storage:
         # first request), and by which rank: others must match.
         self.spec: str | None = None
         self.spec_rank = -1
-        self._items: deque[Item] = deque()
+        self._items: deque[Any] = deque()  # stored form: see _stored
         self._getters: deque[Getter] = deque()
         self._putters: deque[Putter] = deque()
         self._watchers: list[Callable[[int], None]] = []
@@ -210,9 +210,9 @@ class Storage:
         """
         with self._cond:
             if at_head:
-                self._items.extendleft(reversed(list(items)))
+                self._items.extendleft(reversed([_stored(item) for item in items]))
             else:
-                self._items.extend(items)
+                self._items.extend([_stored(item) for item in items])
             self._serve()
 
     def put_bounded(self, items: list[Item], maxsize: int, timeout: float | None = None
@@ -338,7 +338,7 @@ class Storage:
         """An interrupted local get: out of line, and its item (if it was
         handed one) back to the head (under the lock)."""
         if getter.result is not None:
-            self._items.appendleft(getter.result[0])
+            self._items.appendleft(_stored(getter.result[0]))
             getter.result = None
             self._serve()
         else:
@@ -358,7 +358,7 @@ class Storage:
                     getter.fail(e)
                 else:
                     if not getter.deliver(item, size):
-                        self._items.appendleft(item)
+                        self._items.appendleft(_stored(item))
                     elif self._putters:
                         self._serve()
                 return True
@@ -501,6 +501,8 @@ class Storage:
 
     def _take(self, kind: ItemKind) -> tuple[Item, int]:
         head = self._items[0]
+        if type(head) is tuple:
+            head = Item(_KINDS[head[0]], head[1:])
         if head.kind != kind:
             raise ItemKindError(_mismatch(head.kind, kind))
         size = len(self._items)
@@ -523,7 +525,7 @@ class Storage:
         """Store ``putter``'s items if no putter is ahead and they fit."""
         if self._putters or not self._fits(putter):
             return False
-        self._items.extend(putter.items)
+        self._items.extend([_stored(item) for item in putter.items])
         putter.admit()
         self._serve()
         return True
@@ -536,7 +538,7 @@ class Storage:
             progressed = False
             while self._putters and self._fits(self._putters[0]):
                 putter = self._putters.popleft()
-                self._items.extend(putter.items)
+                self._items.extend([_stored(item) for item in putter.items])
                 putter.admit()
                 progressed = True
             while self._items and self._getters:
@@ -548,7 +550,7 @@ class Storage:
                     getter.fail(e)
                     continue
                 if not getter.deliver(item, size):
-                    self._items.appendleft(item)
+                    self._items.appendleft(_stored(item))
             if not progressed:
                 break
             changed = True
@@ -583,3 +585,19 @@ def _mismatch(have: ItemKind, want: ItemKind) -> str:
         f"the next item in the queue was put with {put} but was requested with {get}; "
         f"take it with {other} (the item stays in the queue)"
     )
+
+
+_CODES = {kind: kind.value for kind in ItemKind}
+_KINDS = {code: kind for kind, code in _CODES.items()}
+
+
+def _stored(item: Item) -> Any:
+    """How the queue keeps ``item``: as one plain tuple ``(kind code, *frames)``
+    if its frames are a tuple (as received), which Python's cyclic garbage
+    collector stops tracking at its first pass once the frames are bytes (an
+    Item it would scan at every full pass, and a backlog of small items made
+    those passes a tenth of a receiver's time; a tuple holding a tuple would
+    need two passes, and one in ten would be promoted first); else the Item."""
+    if type(item.frames) is tuple and not item.shared:
+        return (_CODES[item.kind], *item.frames)
+    return item

@@ -985,6 +985,9 @@ class Transport:
                 return False
             in_order = True
             for i, frames in enumerate(messages):
+                if isinstance(frames, ValueError):
+                    log.warning("moodist: dropped a message from rank %d: %s", peer.rank, frames)
+                    frames = None
                 in_order &= self._receive_one(peer, seq + i, frames)
             return in_order
         if peer.inbox.classify(seq) is not NEW:  # (not decoded: it is dropped)

@@ -478,8 +478,16 @@ def _hand_crafted() -> list[tuple[str, list[object]]]:
     with one log line."""
     hdr = protocol.header
     put_ok = protocol.encode_put(0, _ref("n/fuzz"), (), [object_item("x")])
-    head, qid, spec, route, manifest = put_ok[:5]
-    items = put_ok[5:]
+    head, put_head, items = put_ok[0], put_ok[1], put_ok[2:]
+    qid_len, spec_len, _ = struct.unpack_from("<HHH", put_head)
+    qid, spec = put_head[6:6 + qid_len], put_head[6 + qid_len:6 + qid_len + spec_len]
+    manifest = put_head[6 + qid_len + spec_len:]
+
+    def ph(qid=qid, spec=spec, route=b"", manifest=manifest, route_len=None):
+        """A PUT head (see moodist.protocol) of these parts."""
+        n = len(route) // 4 if route_len is None else route_len
+        return struct.pack("<HHH", len(qid), len(spec), n) + qid + spec + route + manifest
+
     tensor = torch.arange(4.0)
     return [
         ("garbage", [b"garbage"]),
@@ -491,28 +499,28 @@ def _hand_crafted() -> list[tuple[str, list[object]]]:
         ("unknown kind 99", [HEADER.pack(99, 1), *put_ok[1:]]),
         ("unknown kind 0", [HEADER.pack(0, 1)]),
         ("PUT without frames", [hdr(Kind.PUT, 0)]),
+        ("PUT, head of 5 bytes", [head, b"\0" * 5, *items]),
+        ("PUT, head shorter than its lengths", [head, put_head[:8], *items]),
         ("PUT, manifest count 2 for 1 item",
-         [head, qid, spec, route, struct.pack("<I", 2) + manifest[4:], *items]),
-        ("PUT, manifest count 0 with frames",
-         [head, qid, spec, route, struct.pack("<I", 0), *items]),
-        ("PUT, manifest count 2**32-1", [head, qid, spec, route, b"\xff" * 4]),
-        ("PUT, item frame count 1000",
-         [head, qid, spec, route, struct.pack("<IBI", 1, 2, 1000), *items]),
-        ("PUT, unknown item kind", [head, qid, spec, route, struct.pack("<IBI", 1, 9, 1),
-                                    *items]),
+         [head, ph(manifest=struct.pack("<I", 2) + manifest[4:]), *items]),
+        ("PUT, manifest count 0 with frames", [head, ph(manifest=struct.pack("<I", 0)), *items]),
+        ("PUT, manifest count 2**32-1", [head, ph(manifest=b"\xff" * 4)]),
+        ("PUT, no manifest", [head, ph(manifest=b""), *items]),
+        ("PUT, item frame count 1000", [head, ph(manifest=struct.pack("<IBI", 1, 2, 1000)),
+                                        *items]),
+        ("PUT, unknown item kind", [head, ph(manifest=struct.pack("<IBI", 1, 9, 1)), *items]),
         ("PUT, tensor item of 3 frames",
-         [head, qid, spec, route, struct.pack("<IBI", 1, 1, 3), tensor_meta(tensor),
+         [head, ph(manifest=struct.pack("<IBI", 1, 1, 3)), tensor_meta(tensor),
           tensor.numpy().tobytes(), b""]),
-        ("PUT, qid not utf-8", [head, b"\xff\xfe\xfd", *put_ok[2:]]),
-        ("PUT, empty qid", [head, b"", *put_ok[2:]]),
-        ("PUT, qid too long", [head, b"q" * (protocol.MAX_QID + 1), *put_ok[2:]]),
-        ("PUT, spec not utf-8", [head, qid, b"\xc3", *put_ok[3:]]),
-        ("PUT, route of 3 bytes", [head, qid, spec, b"\x01\x00\x00", manifest, *items]),
-        ("PUT, route to rank 9", [head, qid, spec, struct.pack("<II", 1, 9), manifest, *items]),
-        ("PUT, route not sequenced here",
-         [head, qid, spec, struct.pack("<II", 0, 1), manifest, *items]),
-        ("PUT, route with a rank twice",
-         [head, qid, spec, struct.pack("<II", 1, 1), manifest, *items]),
+        ("PUT, qid not utf-8", [head, ph(qid=b"\xff\xfe\xfd"), *items]),
+        ("PUT, empty qid", [head, ph(qid=b""), *items]),
+        ("PUT, qid too long", [head, ph(qid=b"q" * (protocol.MAX_QID + 1)), *items]),
+        ("PUT, spec not utf-8", [head, ph(spec=b"\xc3"), *items]),
+        ("PUT, route cut short", [head, ph(route=b"\x01\x00\x00", route_len=1, manifest=b""),
+                                  *items]),
+        ("PUT, route to rank 9", [head, ph(route=struct.pack("<II", 1, 9)), *items]),
+        ("PUT, route not sequenced here", [head, ph(route=struct.pack("<II", 0, 1)), *items]),
+        ("PUT, route with a rank twice", [head, ph(route=struct.pack("<II", 1, 1)), *items]),
         ("MDATA, no manifest", [hdr(Kind.MDATA, 0), b"n/fuzz", b"", b"\0" * 4]),
         ("MDATA, sequencer of 3 bytes", [hdr(Kind.MDATA, 0), b"n/fuzz", b"", b"\0" * 3,
                                          *protocol.encode_items([object_item(1)])]),
@@ -600,8 +608,9 @@ _BAD_REQUESTS = {
                                        struct.pack("<Bd", 2, 0.0)],
     "QSIZE, bad params": lambda rid: [protocol.header(Kind.QSIZE, rid), b"n/fuzz", b"", b""],
     "PUT, multicast manifest count wrong": lambda rid: [
-        *protocol.encode_put(rid, _ref("n/fuzz"), (1, 0), [object_item("x")])[:4],
-        struct.pack("<I", 5) + b"\0" * 5, b"x"],
+        protocol.header(Kind.PUT, rid),
+        protocol.encode_put(rid, _ref("n/fuzz"), (1, 0), [object_item("x")])[1][:-9]
+        + struct.pack("<I", 5) + b"\0" * 5, b"x"],
     "PUT, multicast route names rank 9": lambda rid: protocol.encode_put(
         rid, _ref("n/fuzz"), (1, 9), [object_item("x")]),
     "MDATA, qid not utf-8": lambda rid: [protocol.header(Kind.MDATA, rid), b"\xc3", b"",
