@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -100,3 +101,18 @@ def test_unframing_random_batches_raises_only_value_error(raw):
             assert isinstance(frames, (list, ValueError))
     except ValueError:
         pass
+
+
+def test_a_malformed_message_in_a_batch_is_yielded_as_an_error_and_the_rest_decode():
+    bodies = [framing.encode_body([b"a", b"bb"]), framing.encode_body([b"c"]),
+              framing.encode_body([b"d" * 600])]
+    bad_body = struct.pack("<IQ", 1, (1 << 63) | 50) + b"short"  # its frame runs past its end
+    bodies[1] = (bad_body + b"\0" * (len(bodies[1][0]) - len(bad_body)), bodies[1][1])
+    packed = framing.encode_batch(7, 0, bodies)
+    decoded = list(framing.decode_batch([zmq.Frame(bytes(memoryview(p))) for p in packed]))
+    assert [bytes(f) for f in decoded[0]] == [b"a", b"bb"]  # type: ignore[union-attr]
+    assert isinstance(decoded[1], ValueError)
+    assert [bytes(f) for f in decoded[2]] == [b"d" * 600]  # type: ignore[union-attr]
+    with_bad_count = packed[0][:framing.HEAD.size] + struct.pack("<I", 4) + packed[0][24:]
+    with pytest.raises(ValueError):  # the batch's own table, before any message is handed out
+        framing.decode_batch([zmq.Frame(with_bad_count)])
