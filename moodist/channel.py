@@ -8,7 +8,8 @@ from B to A carries ``ack``: the highest ``seq`` from A that B has *handled*
 (its handler has run, e.g. the put is stored).
 
 * A keeps each message in its :class:`Outbox` until an ``ack`` covers it, then
-  calls its completion callback.  Nothing is acknowledged that B did not handle.
+  calls its completion callback, if it has one.  Nothing is acknowledged that B
+  did not handle.
 * B's :class:`Inbox` accepts only the next ``seq``: a lower one is a duplicate
   (dropped, so nothing is handled twice); a higher one means one is missing
   (dropped too, and B answers NACK: "resend from the missing one").
