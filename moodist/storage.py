@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ItemDecodeError, ItemKindError
@@ -196,21 +196,24 @@ class Storage:
         self._watchers: list[Callable[[int], None]] = []
         # watchers that also want to hear of close (watch(..., on_close=))
         self._close_watchers: dict[Callable[[int], None], Callable[[BaseException], None]] = {}
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # (``with self._lock``: no Python call)
         self._sleepers = 0  # threads in self._cond.wait (none: no notify to pay for)
         self._closed: BaseException | None = None
 
     # ------------------------------------------------------------------ puts
 
-    def put(self, items: Iterable[Item], at_head: bool = False) -> None:
+    def put(self, items: Sequence[Item], at_head: bool = False) -> None:
         """Append ``items`` atomically (no getter sees part of them), in order.
 
         With ``at_head`` they go in front instead (an item given back by a
         getter that had given up).  Never blocks.
         """
-        with self._cond:
+        with self._lock:
             if at_head:
                 self._items.extendleft(reversed([_stored(item) for item in items]))
+            elif len(items) == 1:  # (most puts)
+                self._items.append(_stored(items[0]))
             else:
                 self._items.extend([_stored(item) for item in items])
             self._serve()
@@ -221,7 +224,7 @@ class Storage:
         them under ``maxsize``; True when stored, False if ``timeout`` (0 =
         do not wait) expired first.  A batch larger than ``maxsize`` goes in
         when the queue is empty.  Bounded puts are served in arrival order."""
-        with self._cond:
+        with self._lock:
             if self._closed is not None:
                 raise self._closed
             putter = _LocalPutter(items, maxsize)
@@ -249,12 +252,12 @@ class Storage:
     def add_putter(self, putter: Putter, block: bool) -> bool:
         """Store ``putter``'s items now if they fit (calling ``admit``);
         otherwise queue it when ``block``.  False if neither happened."""
-        with self._cond:
+        with self._lock:
             return self._admit_or_park(putter, block) or block
 
     def cancel_putter(self, putter: Putter) -> bool:
         """Take ``putter`` out of line; False if it was already admitted."""
-        with self._cond:
+        with self._lock:
             try:
                 self._putters.remove(putter)
             except ValueError:
@@ -273,7 +276,7 @@ class Storage:
         ItemKindError, leaving the item in place, if the head item is of
         another kind.
         """
-        with self._cond:
+        with self._lock:
             taken = self._take_now(kind)
             if taken is not None or not block:
                 return taken
@@ -314,11 +317,11 @@ class Storage:
         thread cannot lead now."""
         if self._leader is None:
             return False
-        self._cond.release()
+        self._lock.release()
         try:
             return self._leader.lead_until(ready, deadline)
         finally:
-            self._cond.acquire()
+            self._lock.acquire()
 
     def decode_taken(self, taken: tuple[Item, int], decode: Callable[[Item], Any]
                      ) -> tuple[Any, int]:
@@ -350,7 +353,7 @@ class Storage:
     def add_getter(self, getter: Getter, block: bool) -> bool:
         """Serve ``getter`` now if an item is here; otherwise queue it when
         ``block``.  Returns False if it was neither served nor queued."""
-        with self._cond:
+        with self._lock:
             if self._items:
                 try:
                     item, size = self._take(getter.kind)
@@ -372,7 +375,7 @@ class Storage:
         is here (``getter`` is not used then), else queue ``getter`` (when
         ``block``) and return None.  Raises the close error, or ItemKindError
         (the item stays) if the head item is of another kind."""
-        with self._cond:
+        with self._lock:
             taken = self._take_now(getter.kind)
             if taken is None and block:
                 self._getters.append(getter)
@@ -382,14 +385,14 @@ class Storage:
         """Store ``putter``'s items now if they fit (True, ``admit`` called);
         otherwise queue it (when ``block``) and return False.  Raises the
         close error."""
-        with self._cond:
+        with self._lock:
             if self._closed is not None:
                 raise self._closed
             return self._admit_or_park(putter, block)
 
     def cancel(self, getter: Getter) -> bool:
         """Take ``getter`` out of line; False if it was already served."""
-        with self._cond:
+        with self._lock:
             try:
                 self._getters.remove(getter)
             except ValueError:
@@ -401,7 +404,7 @@ class Storage:
         error message if it differs from the known one."""
         if spec == self.spec:  # the usual case, on every operation: no lock needed
             return None
-        with self._cond:
+        with self._lock:
             if self.spec is None or not spec:
                 if spec:
                     self.spec, self.spec_rank = spec, rank
@@ -414,19 +417,19 @@ class Storage:
 
     def idle(self) -> bool:
         """Nothing stored and nobody waiting (safe to forget)."""
-        with self._cond:
+        with self._lock:
             return not (self._items or self._getters or self._putters or self._watchers)
 
     # ------------------------------------------------------------------ size
 
     def qsize(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._items)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the queue holds an item; False if ``timeout`` expired."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             self._wait_until(self._has_news, deadline)
             if self._closed is not None:
                 raise self._closed
@@ -439,7 +442,7 @@ class Storage:
         """Wake every local getter and waiter with ``error``; later gets raise it.
         Remote getters and putters are dropped (their ranks learn of it from the
         transport)."""
-        with self._cond:
+        with self._lock:
             self._closed = error
             for getter in self._getters:
                 if isinstance(getter, (_LocalGetter, CallbackGetter)):
@@ -463,7 +466,7 @@ class Storage:
         the watch (True if it was still pending).  With ``on_close``, the
         storage's close calls ``on_close(error)`` instead (under the lock; at
         once if it is closed already); neither may block."""
-        with self._cond:
+        with self._lock:
             if on_close is not None and self._closed is not None:
                 on_close(self._closed)
                 return lambda: False
@@ -475,7 +478,7 @@ class Storage:
                 self._close_watchers[callback] = on_close
 
         def withdraw() -> bool:
-            with self._cond:
+            with self._lock:
                 self._close_watchers.pop(callback, None)
                 try:
                     self._watchers.remove(callback)
