@@ -79,7 +79,8 @@ class Client:
     def __init__(self, rank: int, transport: Transport) -> None:
         self.rank = rank
         self.transport = transport
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(2, 2)  # request ids: even; plain puts' odd (below)
+        self._put_ids = itertools.count(1, 2)
         self._pending: dict[int, Future] = {}
         self._ledgers: dict[int, PutLedger] = {}  # plain puts in flight, by host
         self._abandoned: dict[int, int] = {}  # request id -> host, for late replies
@@ -114,7 +115,7 @@ class Client:
         if self._closed is not None:
             raise self._closed
         ledger = self._ledgers.get(host) or self._ledger(host)
-        rid = next(self._ids)
+        rid = next(self._put_ids)
         seq = self.transport.send(host, protocol.encode_put(rid, ref, (), items), awaited=True)
         if not seq:
             raise self._closed or self.transport.lost_error(host) or PeerLostError(host)
@@ -403,8 +404,9 @@ class Client:
         if fut is None:
             if msg.kind is Kind.ITEM:  # for no request of ours: never keep it from the queue
                 self.transport.send(rank, protocol.encode_simple(Kind.RETURN, msg.req_id))
-            elif error_reply is not None and (ledger := self._ledgers.get(rank)) is not None:
-                ledger.refused(msg.req_id, _error_from(*error_reply, rank))  # a plain put
+            elif (error_reply is not None and msg.req_id & 1  # (a plain put's id is odd)
+                  and (ledger := self._ledgers.get(rank)) is not None):
+                ledger.refused(msg.req_id, _error_from(*error_reply, rank))
             return
         if error_reply is not None:
             fut.set_error(_error_from(*error_reply, rank))

@@ -175,7 +175,8 @@ def decode_batch(zframes: Sequence[Any], attach: Callable[[memoryview], Any] | N
     garbage collector's young passes).  Raises ValueError at once if the
     batch's own table does not match what arrived; a message whose frame
     table does not is yielded as a ValueError instead (the receiver consumes
-    it unhandled, as a malformed message sent alone)."""
+    it unhandled, as a malformed message sent alone), and so is every message
+    after it in the batch (its large frames can no longer be told apart)."""
     if not zframes:
         raise ValueError("empty message")
     view = memoryview(getattr(zframes[0], "buffer", zframes[0]))
@@ -196,10 +197,15 @@ def decode_batch(zframes: Sequence[Any], attach: Callable[[memoryview], Any] | N
 def _batch_messages(view: memoryview, pos: int, sizes: Sequence[int], large: Iterator[Any],
                     attach: Callable[[memoryview], Any] | None
                     ) -> Iterator[list[Any] | ValueError]:
+    failed: ValueError | None = None
     for size in sizes:  # (large frames left over at the end are ignored)
+        if failed is not None:  # (which large frames are whose is lost with it)
+            yield ValueError(f"after a malformed message in its batch ({failed})")
+            continue
         try:
             yield _decode_region(view, pos, pos + size, large, attach)
         except ValueError as e:
+            failed = e
             yield e
         pos += size
 

@@ -38,13 +38,14 @@ class Put(Future):
     outcome.  Checking is lazy; ``result()`` and ``add_done_callback()``
     ask the ledger to complete it when the acknowledgement comes."""
 
-    __slots__ = ("_ledger", "_seq", "_rid")
+    __slots__ = ("_ledger", "_seq", "_rid", "_watched")
 
     def __init__(self, ledger: PutLedger, leader: Leader, seq: int, rid: int) -> None:
         super().__init__(ledger.rank, leader)
         self._ledger = ledger
         self._seq = seq
         self._rid = rid
+        self._watched = False
 
     def done(self) -> bool:
         return self._done or self._ledger.settle(self)
@@ -57,7 +58,7 @@ class Put(Future):
         return self.done() or super().can_wait()
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
+        if not self.done() and super().can_wait():  # (else Future.result raises)
             self._ledger.watch(self)
         return super().result(timeout)
 
@@ -72,27 +73,31 @@ class Put(Future):
 
 
 class PutLedger:
-    """The plain puts to one host (``rank``).  Thread safe: the message loop
-    calls :meth:`acknowledged`, :meth:`refused` and :meth:`fail`; any thread
-    the rest.  :meth:`forget` takes no lock (it runs in destructors)."""
+    """The plain puts to one host (``rank``).  Thread safe, and takes no lock
+    but to number puts: its methods run in destructors too, which the garbage
+    collector may start anywhere, also inside this class on the same thread.
+    The message loop calls :meth:`acknowledged` and :meth:`refused`; any
+    thread the rest.  Whoever reads an outcome reads ``acked`` and ``error``,
+    which only ever move one way, after the refusals that precede them."""
 
     __slots__ = ("rank", "acked", "last", "error", "_refused", "_waiters", "_dropped",
-                 "_lock")
+                 "_last_lock")
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.acked = 0  # the highest seq the host acknowledged (only grows)
-        self.last = 0  # the highest seq of a put sent
+        self.last = 0  # the highest seq of a put sent (only grows)
         self.error: BaseException | None = None  # puts not acknowledged fail with it
         self._refused: dict[int, BaseException] = {}  # request id -> the host's refusal
-        self._waiters: list[Put] = []  # puts a thread or a callback waits for
+        self._waiters: deque[Put] = deque()  # puts a thread or a callback waits for
         self._dropped: deque[tuple[int, int]] = deque()  # (seq, rid) dropped in flight
-        self._lock = threading.Lock()
+        self._last_lock = threading.Lock()  # (taken by callers of sent() only)
 
     def sent(self, leader: Leader, seq: int, rid: int) -> Put:
         """The put ``rid`` went out as message ``seq``: its Future."""
-        if seq > self.last:
-            self.last = seq
+        with self._last_lock:  # (several threads may put to one host)
+            if seq > self.last:
+                self.last = seq
         return Put(self, leader, seq, rid)
 
     def until_last(self, leader: Leader) -> Put | None:
@@ -118,20 +123,19 @@ class PutLedger:
 
     def watch(self, put: Put) -> None:
         """Complete ``put`` when its outcome is known (from the loop)."""
-        with self._lock:
-            known = put._seq <= self.acked or self.error is not None
-            if not known:
-                self._waiters.append(put)
-        if known:
+        if put._watched:
+            return
+        put._watched = True
+        self._waiters.append(put)  # (then look again: the outcome may have just come)
+        if put._seq <= self.acked or self.error is not None:
             self.settle(put)
 
     def forget(self, seq: int, rid: int) -> None:
         """Put ``rid`` (message ``seq``) was dropped before it was done: a
         refusal for it has nobody to tell, so it is logged, not kept."""
+        self._dropped.append((seq, rid))
         if seq <= self.acked or self.error is not None:
-            self._report_dropped(rid)
-        else:
-            self._dropped.append((seq, rid))  # (deque.append: atomic, no lock)
+            self._report_dropped()
 
     def refused(self, rid: int, error: BaseException) -> None:
         """(Message loop.)  The host refused put ``rid`` (before acknowledging it)."""
@@ -139,37 +143,49 @@ class PutLedger:
 
     def acknowledged(self, upto: int) -> None:
         """(Message loop.)  The host has handled every message up to ``upto``."""
-        with self._lock:
-            if upto <= self.acked:
-                return
-            self.acked = upto
-            due = None
-            if self._waiters:
-                due = [p for p in self._waiters if p._seq <= upto]
-                if due:
-                    self._waiters = [p for p in self._waiters if p._seq > upto]
-        for put in due or ():
-            self.settle(put)
-        dropped = self._dropped
-        while dropped and dropped[0][0] <= upto:
-            self._report_dropped(dropped.popleft()[1])
+        if upto <= self.acked:
+            return
+        self.acked = upto
+        self._settle_waiters()
+        self._report_dropped()
 
     def fail(self, error: BaseException) -> None:
         """The host is lost, or this rank closes: every put not acknowledged
         fails with ``error`` (or the host's refusal, if it came)."""
-        with self._lock:
-            if self.error is not None:
-                return
-            self.error = error
-            due, self._waiters = self._waiters, []
-        for put in due:
-            self.settle(put)
-        dropped = self._dropped
-        while dropped:
-            self._report_dropped(dropped.popleft()[1])
+        if self.error is not None:
+            return
+        self.error = error
+        self._settle_waiters()
+        self._report_dropped()
 
-    def _report_dropped(self, rid: int) -> None:
-        error = self._refused.pop(rid, None)
-        if error is not None:
-            log.warning("moodist: a put to rank %d whose work was dropped unchecked "
-                        "failed: %s", self.rank, error)
+    def _settle_waiters(self) -> None:
+        """Complete the waiters whose outcome is known; keep the others."""
+        waiters, waiting = self._waiters, []
+        for _ in range(len(waiters)):
+            try:
+                put = waiters.popleft()
+            except IndexError:  # (another thread took the rest)
+                break
+            if not self.settle(put):
+                waiting.append(put)
+        if waiting:
+            waiters.extend(waiting)
+            if self.error is not None:  # (a fail() that drained before these were back)
+                self._settle_waiters()
+
+    def _report_dropped(self) -> None:
+        """Forget the dropped puts whose outcome is known, logging refusals."""
+        dropped, unknown = self._dropped, []
+        for _ in range(len(dropped)):
+            try:
+                seq, rid = dropped.popleft()
+            except IndexError:  # (another thread took the rest)
+                break
+            if seq > self.acked and self.error is None:
+                unknown.append((seq, rid))
+                continue
+            error = self._refused.pop(rid, None)
+            if error is not None:
+                log.warning("moodist: a put to rank %d whose work was dropped unchecked "
+                            "failed: %s", self.rank, error)
+        dropped.extend(unknown)

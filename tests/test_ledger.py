@@ -1,0 +1,142 @@
+"""The ledger of plain puts in flight (moodist/ledger.py), in process: how each put's
+outcome is read off the host's acknowledgement, refusals and loss, by every way of
+waiting, and that it holds no lock a destructor could re-enter.  End to end (real
+ranks, a real refusal, a dropped work logged) it is
+tests/test_delivery.py::test_a_refused_put_is_reported_to_whoever_holds_its_work_and_logged_if_dropped."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+
+import pytest
+
+from moodist.errors import PeerLostError
+from moodist.ledger import PutLedger
+from moodist.queue import QueueWork
+
+
+class _Loop:
+    """Stands in for the transport as a Future's leader (``loop``: this thread
+    runs the message loop, so nothing may wait here)."""
+
+    def __init__(self, loop: bool = False) -> None:
+        self.loop = loop
+
+    def lead_until(self, ready, deadline) -> bool:
+        return False
+
+    def nudge(self) -> None:
+        pass
+
+    def holds_io(self) -> bool:
+        return self.loop
+
+
+def test_each_put_reads_its_outcome_off_the_acknowledgement_refusals_and_loss():
+    ledger, loop = PutLedger(1), _Loop()
+    stored, refused, lost, refused_then_lost = (
+        ledger.sent(loop, seq, rid) for seq, rid in ((1, 11), (2, 13), (3, 15), (4, 17)))
+    assert not any(p.done() for p in (stored, refused, lost, refused_then_lost))
+    ledger.refused(13, ValueError("no"))
+    ledger.refused(17, KeyError("no either"))
+    ledger.acknowledged(2)
+    assert stored.done() and stored.error() is None
+    assert isinstance(refused.error(), ValueError)
+    assert not lost.done()
+    ledger.fail(PeerLostError(1, "gone"))
+    assert isinstance(lost.error(), PeerLostError)
+    assert isinstance(refused_then_lost.error(), KeyError)  # the refusal says more
+    assert not ledger._refused  # nothing kept once read
+
+
+def test_a_waiter_is_completed_by_the_acknowledgement_and_watched_once():
+    ledger, loop = PutLedger(1), _Loop()
+    put = ledger.sent(loop, 5, 21)
+    for _ in range(100):  # a polling waiter
+        with pytest.raises(TimeoutError):
+            put.result(timeout=0)
+    assert len(ledger._waiters) == 1
+    called = []
+    put.add_done_callback(called.append)
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(put.result(timeout=10)))
+    waiter.start()
+    ledger.acknowledged(4)
+    assert not put.done()
+    ledger.acknowledged(5)
+    waiter.join(10)
+    assert result == [None] and called == [put] and not ledger._waiters
+
+
+def test_deliveries_wait_for_the_last_put_of_every_thread():
+    ledger, loop = PutLedger(1), _Loop()
+    barrier = threading.Barrier(4)
+
+    def sender(first: int) -> None:
+        barrier.wait()
+        for seq in range(first, 4000, 4):  # seqs as the transport hands them out
+            ledger.sent(loop, seq, 2 * seq + 1)
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ledger.last == 3999
+    last = ledger.until_last(loop)
+    ledger.acknowledged(3998)
+    assert last is not None and not last.done()
+    ledger.acknowledged(3999)
+    assert last.done() and ledger.until_last(loop) is None
+
+
+def test_a_dropped_put_that_is_refused_is_logged_once_and_forgotten(caplog):
+    ledger, loop = PutLedger(1), _Loop()
+    ledger.sent(loop, 1, 31)  # dropped at once, in flight
+    ledger.sent(loop, 2, 33)
+    ledger.refused(31, ValueError("refused while nobody held it"))
+    with caplog.at_level(logging.WARNING, logger="moodist.client"):
+        ledger.acknowledged(2)
+    assert [r.getMessage() for r in caplog.records].count(
+        "moodist: a put to rank 1 whose work was dropped unchecked failed: "
+        "refused while nobody held it") == 1
+    assert not ledger._refused and not ledger._dropped
+
+
+def test_a_collection_inside_the_ledger_that_drops_a_waited_put_does_not_hang():
+    """A put_tensor work in a reference cycle, collected by the GC inside
+    acknowledged() on the message loop: its destructor registers a callback
+    (watch) on the same ledger, from inside it.  With a lock in the ledger
+    this hung the loop for ever."""
+    def attempt(k: int, threshold: int) -> None:
+        ledger, loop = PutLedger(1), _Loop(loop=True)
+        waited = ledger.sent(loop, 1, 41)
+        ledger.watch(waited)
+        late = ledger.sent(loop, 10, 43)  # still in flight after the ack below
+        gc.set_threshold(threshold)
+        try:
+            cycle: list = [QueueWork(late, wait_on_del=True)]
+            cycle.append(cycle)
+            del late, cycle
+            junk = [[] for _ in range(k)]  # moves where the next collection falls
+            ledger.acknowledged(5)
+            del junk
+        finally:
+            gc.set_threshold(700, 10, 10)
+
+    for threshold in (2, 3, 5, 8):
+        for k in range(40):
+            t = threading.Thread(target=attempt, args=(k, threshold), daemon=True)
+            t.start()
+            t.join(5)
+            assert not t.is_alive(), f"acknowledged() hung (threshold {threshold}, k {k})"
+
+
+def test_waiting_inside_the_message_loop_raises_instead_of_hanging():
+    ledger = PutLedger(1)
+    put = ledger.sent(_Loop(loop=True), 1, 51)
+    with pytest.raises(RuntimeError, match="inside moodist's message loop"):
+        put.result()
+    assert not ledger._waiters
