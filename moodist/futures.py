@@ -7,7 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-_guard = threading.Lock()  # the short critical sections of every Future
+# The short critical sections of every Future.  They allocate nothing (a
+# garbage collection started there may run a destructor that completes or
+# waits for a Future), and the lock is reentrant for where a collection may
+# start anyway (at any check of the interpreter's eval breaker, from 3.12).
+_guard = threading.RLock()
 
 
 class Leader(Protocol):
@@ -83,12 +87,15 @@ class Future:
         return True
 
     def add_done_callback(self, callback: Callable[[Future], None]) -> None:
-        with _guard:
-            if not self._done:
-                if self._callbacks is None:
-                    self._callbacks = []
-                self._callbacks.append(callback)
-                return
+        if not self._done:
+            first = [callback]  # (made before the lock: see _guard)
+            with _guard:
+                if not self._done:
+                    if self._callbacks is None:
+                        self._callbacks = first
+                    else:
+                        self._callbacks.append(callback)
+                    return
         callback(self)
 
     def done(self) -> bool:
@@ -115,9 +122,10 @@ class Future:
             if self._leader.lead_until(self.done, deadline) and deadline is not None:
                 timeout = max(0.0, deadline - time.monotonic())
         if not self._done:
+            new = threading.Event() if self._event is None else None  # (see _guard)
             with _guard:
                 if not self._done and self._event is None:
-                    self._event = threading.Event()
+                    self._event = new
                 event = self._event
             if event is not None and not event.wait(timeout):
                 raise TimeoutError

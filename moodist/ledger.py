@@ -166,26 +166,31 @@ class PutLedger:
                 put = waiters.popleft()
             except IndexError:  # (another thread took the rest)
                 break
-            if not self.settle(put):
-                waiting.append(put)
+            try:
+                if not self.settle(put):
+                    waiting.append(put)
+            except Exception:  # (a callback the completion ran)
+                log.exception("moodist: a put's completion callback failed")
         if waiting:
             waiters.extend(waiting)
             if self.error is not None:  # (a fail() that drained before these were back)
                 self._settle_waiters()
 
     def _report_dropped(self) -> None:
-        """Forget the dropped puts whose outcome is known, logging refusals."""
-        dropped, unknown = self._dropped, []
-        for _ in range(len(dropped)):
+        """Forget the dropped puts whose outcome is known, logging refusals.
+        (They are in about seq order: it stops at the first not yet known.)"""
+        dropped = self._dropped
+        while dropped:
             try:
                 seq, rid = dropped.popleft()
             except IndexError:  # (another thread took the rest)
-                break
+                return
             if seq > self.acked and self.error is None:
-                unknown.append((seq, rid))
+                dropped.appendleft((seq, rid))
+                if self.error is None:  # (else a fail() may have drained meanwhile)
+                    return
                 continue
             error = self._refused.pop(rid, None)
             if error is not None:
                 log.warning("moodist: a put to rank %d whose work was dropped unchecked "
                             "failed: %s", self.rank, error)
-        dropped.extend(unknown)

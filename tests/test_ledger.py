@@ -9,10 +9,12 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections import deque
 
 import pytest
 
 from moodist.errors import PeerLostError
+from moodist.futures import Future
 from moodist.ledger import PutLedger
 from moodist.queue import QueueWork
 
@@ -140,3 +142,106 @@ def test_waiting_inside_the_message_loop_raises_instead_of_hanging():
     with pytest.raises(RuntimeError, match="inside moodist's message loop"):
         put.result()
     assert not ledger._waiters
+
+
+class _SwitchBefore(deque):
+    """A deque that runs ``hook`` on another thread just before one extend or
+    appendleft: a thread switch at the worst point of the ledger's lock-free
+    hand-over (a fail() from Client.close while the loop sorts the waiters)."""
+
+    hook = None
+
+    def _switch(self) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            t = threading.Thread(target=hook)
+            t.start()
+            t.join()
+
+    def extend(self, items) -> None:
+        items = list(items)
+        self._switch()
+        super().extend(items)
+
+    def appendleft(self, item) -> None:
+        self._switch()
+        super().appendleft(item)
+
+
+def test_a_loss_while_the_loop_sorts_waiters_and_dropped_puts_strands_none(caplog):
+    ledger, loop = PutLedger(1), _Loop()
+    ledger._waiters, ledger._dropped = _SwitchBefore(), _SwitchBefore()
+    waited = ledger.sent(loop, 5, 61)
+    ledger.watch(waited)
+    ledger.sent(loop, 6, 63)  # dropped in flight
+    ledger.refused(63, ValueError("refused"))
+    lose = lambda: ledger.fail(PeerLostError(1, "closing"))  # noqa: E731
+    ledger._waiters.hook = ledger._dropped.hook = lose
+    with caplog.at_level(logging.WARNING, logger="moodist.client"):
+        ledger.acknowledged(3)  # (the loop: neither is known at 3 when it looks)
+    assert isinstance(waited.error(), PeerLostError)
+    assert not ledger._waiters and not ledger._dropped and not ledger._refused
+    assert sum("dropped unchecked" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_raising_callback_leaves_the_other_waiters_served(caplog):
+    ledger, loop = PutLedger(1), _Loop()
+    later, early = ledger.sent(loop, 12, 71), ledger.sent(loop, 5, 73)
+    called: list = []
+    later.add_done_callback(called.append)
+    early.add_done_callback(lambda _: 1 / 0)
+    with caplog.at_level(logging.ERROR, logger="moodist.client"):
+        ledger.acknowledged(5)  # (logged, as the transport logs a failed on_done)
+        ledger.acknowledged(12)
+    assert called == [later] and early.done()
+    assert any("completion callback failed" in r.getMessage() for r in caplog.records)
+
+
+def test_an_acknowledgement_walks_only_the_dropped_puts_it_settles():
+    class Counting(deque):
+        pops = 0
+
+        def popleft(self):
+            Counting.pops += 1
+            return super().popleft()
+
+    ledger, loop = PutLedger(1), _Loop()
+    ledger._dropped = Counting()
+    for seq in range(1, 1001):
+        ledger.sent(loop, seq, 2 * seq + 1)  # dropped at once, in flight
+    for upto in range(1, 1001):
+        ledger.acknowledged(upto)
+    assert Counting.pops <= 2 * 1000 and not ledger._dropped
+
+
+@pytest.mark.parametrize("how", ["result", "add_done_callback"])
+def test_a_collection_inside_a_futures_critical_section_does_not_hang(how):
+    """A Future's result() makes its Event, and add_done_callback() its list:
+    a collection started there that frees a put_tensor work runs its
+    destructor, which completes or waits for a Future too."""
+    def attempt(k: int, threshold: int) -> None:
+        ledger, loop = PutLedger(1), _Loop()
+        known = ledger.sent(loop, 1, 81)
+        ledger.acknowledged(1)  # its outcome is known; nobody has read it yet
+        other = ledger.sent(loop, 10, 83)  # still in flight
+        gc.set_threshold(threshold)
+        try:
+            cycle: list = [QueueWork(known, wait_on_del=True)]
+            cycle.append(cycle)
+            del known, cycle
+            junk = [[] for _ in range(k)]
+            if how == "result":
+                with pytest.raises(TimeoutError):
+                    other.result(timeout=0)
+            else:
+                Future(1, loop).add_done_callback(lambda f: None)
+            del junk
+        finally:
+            gc.set_threshold(700, 10, 10)
+
+    for threshold in (2, 3, 5, 8):
+        for k in range(40):
+            t = threading.Thread(target=attempt, args=(k, threshold), daemon=True)
+            t.start()
+            t.join(5)
+            assert not t.is_alive(), f"hung (threshold {threshold}, k {k})"
