@@ -218,6 +218,9 @@ class Host:
         self._orders: dict[str, _Order] = {}  # multicast queues copied here, by qid
         self._order_lock = threading.Lock()
         self._closed: BaseException | None = None
+        # Plain puts handled but not stored yet (the message loop's: see on_put).
+        self._pending_storage: Storage | None = None
+        self._pending_items: list[Item] = []
 
     # ------------------------------------------------------------------ storages
 
@@ -290,11 +293,26 @@ class Host:
     # ------------------------------------------------------------------ requests
 
     def on_put(self, rank: int, msg: Message) -> None:
+        """A plain put is stored by :meth:`store_pending`, which the message
+        loop calls before it counts the put handled (and acknowledges it):
+        a run of puts to one queue is stored at once, under one lock."""
         ref, route, items = protocol.decode_put(msg)
         if route:
+            self.store_pending()
             self._on_multicast_put(rank, msg.req_id, ref, route, items)
             return
-        self._storage_for(rank, ref).put(items)  # acknowledged by the channel
+        storage = self._storage_for(rank, ref)
+        if storage is not self._pending_storage:
+            self.store_pending()
+            self._pending_storage = storage
+        self._pending_items.extend(items)
+
+    def store_pending(self) -> None:
+        """(Message loop.)  Store the plain puts :meth:`on_put` collected."""
+        storage = self._pending_storage
+        if storage is not None:
+            items, self._pending_items, self._pending_storage = self._pending_items, [], None
+            storage.put(items)
 
     def _on_multicast_put(self, rank: int, rid: int, ref: QueueRef, route: list[int],
                           items: list[Item]) -> None:

@@ -42,6 +42,7 @@ class Node:
         self.client = Client(rank, self.transport)
         self.transport.on_acknowledged = self.client.acknowledged
         self.host = Host(rank, size, self.transport, self.client.copy_stored)
+        self.transport.on_handled = self.host.store_pending
         host = self.host
         self._handlers: dict[Kind, Callable[[int, Message], None]] = {
             Kind.PUT: host.on_put,
@@ -164,6 +165,8 @@ class Node:
         """Handle one message; True if its sender waits for the acknowledgement
         (a single-location PUT: its acknowledgement says it is stored)."""
         msg = protocol.parse(frames)
+        if msg.kind is not Kind.PUT:
+            self.host.store_pending()  # (every message sees the puts before it stored)
         try:
             self._handlers[msg.kind](rank, msg)
         except Refused as e:

@@ -327,6 +327,10 @@ class Transport:
         # Called (rank, acknowledged seq) by the message loop each time a peer's
         # acknowledgement moves (after the on_done callbacks it completes).
         self.on_acknowledged: Callable[[int, int], None] | None = None
+        # Called by the message loop before the messages it gave on_message count
+        # as handled (and may be acknowledged): on_message may leave work to it,
+        # e.g. store a run of puts to one queue at once.
+        self.on_handled: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -984,11 +988,15 @@ class Transport:
                 log.warning("moodist: dropped a batch from rank %d: %s", peer.rank, e)
                 return False
             in_order = True
-            for i, frames in enumerate(messages):
-                if isinstance(frames, ValueError):
-                    log.warning("moodist: dropped a message from rank %d: %s", peer.rank, frames)
-                    frames = None
-                in_order &= self._receive_one(peer, seq + i, frames)
+            try:
+                for i, frames in enumerate(messages):
+                    if isinstance(frames, ValueError):
+                        log.warning("moodist: dropped a message from rank %d: %s",
+                                    peer.rank, frames)
+                        frames = None
+                    in_order &= self._receive_one(peer, seq + i, frames, batched=True)
+            finally:  # (every message accepted is handled once on_handled has run)
+                self._count_handled(peer, peer.inbox.expected - 1)
             return in_order
         if peer.inbox.classify(seq) is not NEW:  # (not decoded: it is dropped)
             return self._receive_one(peer, seq, None)
@@ -1095,10 +1103,23 @@ class Transport:
         peer.parked_progress = progress
         self.call_later(RESYNC_AFTER, lambda: self._check_parked(peer))
 
-    def _receive_one(self, peer: _Peer, seq: int, frames: list[Any] | None) -> bool:
+    def _count_handled(self, peer: _Peer, seq: int) -> None:
+        """Count ``peer``'s messages up to ``seq`` as handled (so they may be
+        acknowledged), once the work their handlers left is done."""
+        if self.on_handled is not None:
+            try:
+                self.on_handled()
+            except Exception:
+                log.exception("moodist: finishing the handled messages failed")
+        if seq > peer.inbox.handled:
+            peer.inbox.handled_upto(seq)
+
+    def _receive_one(self, peer: _Peer, seq: int, frames: list[Any] | None,
+                     batched: bool = False) -> bool:
         """Message ``seq`` from ``peer``: handle it if it is the next one
         (``frames`` None: it is consumed unhandled, e.g. it was malformed).
-        False if it came after a gap (dropped: a NACK asks for the missing)."""
+        False if it came after a gap (dropped: a NACK asks for the missing).
+        ``batched``: the caller counts it handled (see _count_handled)."""
         inbox = peer.inbox
         state = inbox.classify(seq)
         if state is NEW:
@@ -1110,7 +1131,8 @@ class Transport:
                 except Exception as e:
                     log.warning("moodist: dropped a message from rank %d: %s", peer.rank, e)
                     log.debug("details", exc_info=True)
-            inbox.handled_upto(seq)
+            if not batched:
+                self._count_handled(peer, seq)
             if prompt:  # else the acknowledgement rides on later traffic, or a SYNC
                 self._ack_due.add(peer)
         elif state is DUPLICATE:

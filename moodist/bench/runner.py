@@ -4,6 +4,7 @@ repeats, and the report that rank 0 hands back."""
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 import platform
@@ -75,6 +76,10 @@ def run_case(ctx: Ctx, case: Case, opts: Options) -> dict[str, Any] | None:
     started = now()
     warm = _run_once(ctx, case, max(1, case.count // 10))
     count = ctx.broadcast(_calibrate(case, warm, opts.iters) if warm else None)
+    # A full pass of the garbage collector takes 50-90 ms here once torch is
+    # imported; one owed to what start-up (or the case before) left behind
+    # would land in whichever case runs next.  Each case pays for its own.
+    gc.collect()
     runs = [_run_once(ctx, case, count) for _ in range(opts.repeats)]
     ctx.barrier()
     if ctx.rank != 0:
