@@ -113,7 +113,7 @@ _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _DRAIN_BATCH = 256
 RESYNC_AFTER = 1.0  # seconds without an acknowledgement before a SYNC
 _LOST_NOTICE_EVERY = 1.0  # seconds between LOST answers to one lost peer
-_HOLD_MAX_BYTES = 1 << 18  # held (coalesced) message bodies beyond this go out at once
+_HOLD_MAX_BYTES = 1 << 16  # held (coalesced) message bodies beyond this go out at once
 # At close, once the peers have acknowledged everything (or the linger is over),
 # the BYEs get this long to leave: on a live connection they leave at once, and a
 # peer that closed too (its ROUTER gone) would keep zmq's linger waiting in vain.
