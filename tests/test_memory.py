@@ -104,6 +104,9 @@ def _gc_share(ctx, count: int):
 def test_puts_in_flight_and_stored_items_cost_the_garbage_collector_little(cluster):
     per_stored, per_put = cluster.run(_gc_share, 2, 2000, timeout=60)
     print(f"tracked objects: {per_put:.2f} per put in flight, {per_stored:.2f} per stored item")
-    assert per_put <= 0.05, per_put  # nothing (it was 2: its Future and its outbox entry)
+    # Nothing per put (it was 2: its Future and its outbox entry); what is left is
+    # per zmq message: pyzmq keeps a few objects for each one sent without a copy
+    # until libzmq has written it (here 3 BATCH messages of 64 KiB, ~50 each).
+    assert per_put <= 0.15, per_put
     assert per_stored <= 0.05, per_stored  # nothing (it was 1: the Item; its frames are
     # bytes in a tuple, and the queue keeps it as a tuple of them: see storage._stored)
