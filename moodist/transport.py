@@ -36,8 +36,9 @@ Coalescing (Nagle's rule, for small puts): an awaited send (a put, which its
 receiver acknowledges at once) whose frames are all inline goes out
 at once unless an earlier one to the same peer still waits for its
 acknowledgement; then it waits, and everything that waited goes out as one
-BATCH message when that acknowledgement arrives (or at once, ahead of any
-later send that may not wait).  A stream of small puts thus costs one zmq
+BATCH message when that acknowledgement arrives, or once 64 KiB wait (a
+sender busy putting reads acknowledgements late), or at once ahead of any
+later send that may not wait.  A stream of small puts thus costs one zmq
 message, one receive and one acknowledgement per round trip, not per put; a
 lone put, a large one, or a request is never delayed.
 
