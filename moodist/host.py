@@ -242,8 +242,8 @@ class Host:
         lease on it (its Queue object here is gone; a later use recreates it)."""
         with self._storages_lock:
             storage = self._storages.get(qid)
-            if storage is None or not storage.idle():
-                return
+            if storage is None or not storage.idle() or storage is self._pending_storage:
+                return  # (puts collected for it are stored once their batch is handled)
             with self._leases_lock:
                 if any(s is storage for s, _item in self._leases.values()):
                     return

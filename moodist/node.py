@@ -165,9 +165,9 @@ class Node:
         """Handle one message; True if its sender waits for the acknowledgement
         (a single-location PUT: its acknowledgement says it is stored)."""
         msg = protocol.parse(frames)
-        if msg.kind is not Kind.PUT:
-            self.host.store_pending()  # (every message sees the puts before it stored)
         try:
+            if msg.kind is not Kind.PUT:
+                self.host.store_pending()  # (every message sees the puts before it stored)
             self._handlers[msg.kind](rank, msg)
         except Refused as e:
             self.host.refuse(rank, msg, e)

@@ -42,3 +42,36 @@ def test_puts_coalesce_and_arrive_once_in_order_ahead_of_later_requests(cluster)
     assert got_tensors == list(range(300))
     assert left == 0
     assert batches > 0  # puts did travel coalesced (without it: 0)
+
+
+# ------------------------------------------------------------- a run of puts stored at once
+
+
+class _Wire:
+    """What a Host needs of its transport here: it only sends."""
+
+    def send(self, rank, frames, on_done=None, awaited=False) -> int:
+        return 1
+
+    def nudge(self) -> None:
+        pass
+
+
+def test_a_queue_dropped_while_its_puts_wait_to_be_stored_keeps_them():
+    """A host stores a run of plain puts to one queue at once, before the channel
+    counts them handled (and acknowledges them as stored).  If the queue's last
+    Queue object dies meanwhile (its finalizer frees an idle storage), the
+    storage is not idle: the puts must not go into a storage already forgotten."""
+    from moodist import protocol
+    from moodist.host import Host
+    from moodist.items import Item, ItemKind
+
+    ref = protocol.QueueRef("u/7", "location=0 maxsize=0")
+    host = Host(0, 3, _Wire(), lambda rank, rid: None)
+    host.check_spec(ref.qid, ref.spec)
+    for rid, payload in ((1, b"a"), (3, b"b")):
+        host.on_put(1, protocol.parse(protocol.encode_put(
+            rid, ref, (), [Item(ItemKind.OBJECT, (payload,))])))
+    host.forget_if_idle(ref.qid)  # (rank 0's Queue object is collected now)
+    host.store_pending()  # (the end of the batch)
+    assert host._storage_for(2, ref).qsize() == 2
