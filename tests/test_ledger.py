@@ -36,6 +36,18 @@ class _Loop:
         return self.loop
 
 
+def _collect_everywhere(attempt) -> None:
+    """Run ``attempt(k, threshold)`` on a thread of its own for GC thresholds and
+    shifts that make a collection start at each allocation of the code under
+    test in turn; fail if one hangs."""
+    for threshold in (2, 3, 5, 8):
+        for k in range(40):
+            t = threading.Thread(target=attempt, args=(k, threshold), daemon=True)
+            t.start()
+            t.join(5)
+            assert not t.is_alive(), f"hung (GC threshold {threshold}, shift {k})"
+
+
 def test_each_put_reads_its_outcome_off_the_acknowledgement_refusals_and_loss():
     ledger, loop = PutLedger(1), _Loop()
     stored, refused, lost, refused_then_lost = (
@@ -128,12 +140,7 @@ def test_a_collection_inside_the_ledger_that_drops_a_waited_put_does_not_hang():
         finally:
             gc.set_threshold(700, 10, 10)
 
-    for threshold in (2, 3, 5, 8):
-        for k in range(40):
-            t = threading.Thread(target=attempt, args=(k, threshold), daemon=True)
-            t.start()
-            t.join(5)
-            assert not t.is_alive(), f"acknowledged() hung (threshold {threshold}, k {k})"
+    _collect_everywhere(attempt)
 
 
 def test_waiting_inside_the_message_loop_raises_instead_of_hanging():
@@ -239,9 +246,4 @@ def test_a_collection_inside_a_futures_critical_section_does_not_hang(how):
         finally:
             gc.set_threshold(700, 10, 10)
 
-    for threshold in (2, 3, 5, 8):
-        for k in range(40):
-            t = threading.Thread(target=attempt, args=(k, threshold), daemon=True)
-            t.start()
-            t.join(5)
-            assert not t.is_alive(), f"hung (threshold {threshold}, k {k})"
+    _collect_everywhere(attempt)
