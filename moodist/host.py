@@ -209,10 +209,12 @@ class Host:
         self.transport = transport
         self._stored_here = stored_here
         self._storages: dict[str, Storage] = {}
-        self._storages_lock = threading.Lock()
+        # Reentrant, as forget_if_idle takes both this and _leases_lock and runs in
+        # a Queue's finalizer, which a collection may start inside either.
+        self._storages_lock = threading.RLock()
         self._waiters: dict[tuple[int, int], _RemoteWaiter] = {}
         self._leases: dict[tuple[int, int], tuple[Storage, Item]] = {}
-        self._leases_lock = threading.Lock()
+        self._leases_lock = threading.RLock()
         self._gone: set[int] = set()  # ranks lost or left: nothing more is leased to them
         self._sequence_lock = threading.Lock()
         self._orders: dict[str, _Order] = {}  # multicast queues copied here, by qid

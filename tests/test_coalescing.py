@@ -1,6 +1,8 @@
 """Puts to one peer coalesce while an earlier one waits for its acknowledgement
 (transport.py, "Coalescing"): fewer zmq messages, the same items, in order, and
-nothing sent later overtakes them.  Real processes (see cluster.py)."""
+nothing sent later overtakes them.  Real processes (see cluster.py).  And on the
+receiving side, in process: a host stores a run of puts to one queue at once, and
+a queue freed meanwhile (an unnamed Queue's finalizer) neither loses them nor hangs."""
 
 from __future__ import annotations
 
@@ -75,3 +77,48 @@ def test_a_queue_dropped_while_its_puts_wait_to_be_stored_keeps_them():
     host.forget_if_idle(ref.qid)  # (rank 0's Queue object is collected now)
     host.store_pending()  # (the end of the batch)
     assert host._storage_for(2, ref).qsize() == 2
+
+
+def test_a_queue_collected_while_its_host_holds_its_locks_is_freed_without_a_hang():
+    """forget_if_idle runs in an unnamed Queue's finalizer, which a collection
+    may start inside the host's own critical sections (they allocate): here a
+    collection at the allocation of a new storage, and one inside the leases'
+    lock, each freeing such a Queue."""
+    import gc
+    import threading
+    import weakref
+
+    from moodist import host as host_module
+
+    host = host_module.Host(0, 2, _Wire(), lambda rank, rid: None)
+
+    class Owner:  # an unnamed Queue, kept alive only by a cycle
+        pass
+
+    def garbage(qid: str) -> None:
+        host.storage(qid)
+        owner = Owner()
+        owner.cycle = owner
+        weakref.finalize(owner, host.forget_if_idle, qid)
+
+    class CollectingStorage(host_module.Storage):
+        def __init__(self, *args, **kwargs) -> None:
+            gc.collect()  # (as if this allocation started a collection)
+            super().__init__(*args, **kwargs)
+
+    def attempt() -> None:
+        garbage("u/1")
+        host_module.Storage = CollectingStorage
+        try:
+            host.storage("u/2")  # under the storages' lock
+        finally:
+            host_module.Storage = CollectingStorage.__mro__[1]
+        garbage("u/3")
+        with host._leases_lock:
+            gc.collect()
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "a Queue's finalizer hung on the host's lock"
+    assert "u/1" not in host._storages and "u/3" not in host._storages
