@@ -30,6 +30,12 @@ class ItemKind(enum.IntEnum):
     OBJECT = 2
 
 
+# A kind as a plain int, and back: its code on the wire, and in a stored item (an
+# enum member is an object the garbage collector tracks, an int is not).
+KIND_CODES = {kind: kind.value for kind in ItemKind}
+KINDS_BY_CODE = {code: kind for kind, code in KIND_CODES.items()}
+
+
 class Item:
     """One queue entry in wire form: its kind and its frames (buffers).
 

@@ -76,7 +76,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .framing import LostFrame
-from .items import Item, ItemKind
+from .items import KINDS_BY_CODE, Item, ItemKind
 
 HEADER = struct.Struct("<BQ")
 _U64 = struct.Struct("<Q")
@@ -131,7 +131,6 @@ class ErrorCode(enum.IntEnum):
 
 _KINDS = {k.value: k for k in Kind}
 _PUT = Kind.PUT.value
-_ITEM_KINDS = {k.value: k for k in ItemKind}
 
 
 class Message(NamedTuple):
@@ -198,10 +197,14 @@ _put_prefixes: dict[tuple[QueueRef, tuple[int, ...]], bytes] = {}  # encoded onc
 
 
 def _queue(msg: Message) -> QueueRef:
-    key = (_bytes(msg.frames[0]), _bytes(msg.frames[1]))
+    return _queue_ref(_bytes(msg.frames[0]), _bytes(msg.frames[1]))
+
+
+def _queue_ref(qid: bytes, spec: bytes) -> QueueRef:
+    key = (qid, spec)
     ref = _known_queues.get(key)
     if ref is None:
-        ref = QueueRef(_text(key[0], "queue id"), _text(key[1], "queue spec", True))
+        ref = QueueRef(_text(qid, "queue id"), _text(spec, "queue spec", True))
         if len(_known_queues) < 4096:  # (a bound: ids come from the wire)
             _known_queues[key] = ref
     return ref
@@ -266,7 +269,7 @@ def _decode_manifest(raw: bytes, at: int, frames: Sequence[Any], first: int) -> 
     entries = ((_MANIFEST_ENTRY.unpack_from(raw, at),) if count == 1
                else _MANIFEST_ENTRY.iter_unpack(raw[at:]))
     for code, nframes in entries:
-        kind = _ITEM_KINDS.get(code)
+        kind = KINDS_BY_CODE.get(code)
         if kind is None:
             raise ProtocolError(f"unknown item kind {code}")
         if nframes < 1 or (kind is ItemKind.TENSOR and nframes != 2):
@@ -321,8 +324,7 @@ def decode_put(msg: Message) -> tuple[QueueRef, list[int], list[Item]]:
     if target is None:
         qid_end = _PUT_HEAD.size + qid_len
         spec_end = qid_end + spec_len
-        ref = QueueRef(_text(raw[_PUT_HEAD.size:qid_end], "queue id"),
-                       _text(raw[qid_end:spec_end], "queue spec", True))
+        ref = _queue_ref(raw[_PUT_HEAD.size:qid_end], raw[qid_end:spec_end])
         target = ref, tuple(r for (r,) in _ROUTE_ENTRY.iter_unpack(raw[spec_end:end]))
         if len(_known_puts) < 4096:  # (a bound: keys come from the wire)
             _known_puts[key] = target
@@ -384,7 +386,7 @@ def decode_get(msg: Message) -> tuple[QueueRef, ItemKind, float | None]:
     if len(raw) != _GET_PARAMS.size:
         raise ProtocolError("bad GET parameters")
     code, timeout = _GET_PARAMS.unpack(raw)
-    kind = _ITEM_KINDS.get(code)
+    kind = KINDS_BY_CODE.get(code)
     if kind is None:
         raise ProtocolError("bad item kind in GET")
     return _queue(msg), kind, _timeout(timeout)

@@ -35,7 +35,7 @@ from typing import Any
 
 from .errors import ItemDecodeError, ItemKindError
 from .futures import Leader
-from .items import Item, ItemKind
+from .items import KIND_CODES, KINDS_BY_CODE, Item, ItemKind
 
 
 class Getter:
@@ -505,7 +505,7 @@ class Storage:
     def _take(self, kind: ItemKind) -> tuple[Item, int]:
         head = self._items[0]
         if type(head) is tuple:
-            head = Item(_KINDS[head[0]], head[1:])
+            head = Item(KINDS_BY_CODE[head[0]], head[1:])
         if head.kind != kind:
             raise ItemKindError(_mismatch(head.kind, kind))
         size = len(self._items)
@@ -590,10 +590,6 @@ def _mismatch(have: ItemKind, want: ItemKind) -> str:
     )
 
 
-_CODES = {kind: kind.value for kind in ItemKind}
-_KINDS = {code: kind for kind, code in _CODES.items()}
-
-
 def _stored(item: Item) -> Any:
     """How the queue keeps ``item``: as one plain tuple ``(kind code, *frames)``
     if its frames are a tuple (as received), which Python's cyclic garbage
@@ -602,5 +598,5 @@ def _stored(item: Item) -> Any:
     those passes a tenth of a receiver's time; a tuple holding a tuple would
     need two passes, and one in ten would be promoted first); else the Item."""
     if type(item.frames) is tuple and not item.shared:
-        return (_CODES[item.kind], *item.frames)
+        return (KIND_CODES[item.kind], *item.frames)
     return item
