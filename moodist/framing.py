@@ -75,7 +75,7 @@ class LostFrame:
         return 0
 
 
-_NO_FRAMES: tuple[Any, ...] = ()  # (kept by the outbox: an empty list each would cost GC work)
+NO_FRAMES: tuple[Any, ...] = ()  # (kept by the outbox: an empty list each would cost GC work)
 # What ``export`` returns (this very object) for a frame it sends on the bulk lane.
 BULK_FRAME = b"<bulk>"
 
@@ -116,7 +116,18 @@ def encode_body(frames: Sequence[Any],
             lengths.append(n)
             large.append(frame)
     table = _COUNT.pack(len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths)
-    return b"".join([table, *inline]), large or _NO_FRAMES
+    return b"".join([table, *inline]), large or NO_FRAMES
+
+
+def encode_inline(frames: Sequence[Any]) -> bytes | None:
+    """The body of a message whose frames are all bytes below ``INLINE_MAX``
+    (most: what :func:`encode_body` makes of them, quicker), else None."""
+    lengths = []
+    for frame in frames:
+        if type(frame) is not bytes or len(frame) >= INLINE_MAX:
+            return None
+        lengths.append(len(frame) | _INLINE)
+    return b"".join([_COUNT.pack(len(lengths)), _table(len(lengths)).pack(*lengths), *frames])
 
 
 def head(control: int, seq: int, ack: int) -> bytes:
@@ -225,6 +236,23 @@ def _table(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}Q")
 
 
+# Small messages whose frames are all inline are cut by one unpack, with a struct
+# made once per frame table (puts of one kind to one queue mostly share a few).
+_splits: dict[tuple[int, ...], struct.Struct | None] = {}
+
+
+def _split(lengths: tuple[int, ...]) -> struct.Struct | None:
+    """The struct that cuts the frames of table ``lengths``, if all are inline."""
+    split = _splits.get(lengths, False)
+    if split is False:
+        split = None
+        if all(n & _FLAGS == _INLINE for n in lengths):
+            split = struct.Struct("<" + "".join([f"{n ^ _INLINE}s" for n in lengths]))
+        if len(_splits) < 1024:  # (a bound: tables come from the wire)
+            _splits[lengths] = split
+    return split  # type: ignore[return-value]
+
+
 def _decode_region(view: memoryview, pos: int, end: int, large: Any,
                    attach: Callable[[memoryview], Any] | None,
                    fetch: Callable[[int, int], Any] | None = None) -> list[Any]:
@@ -238,25 +266,22 @@ def _decode_region(view: memoryview, pos: int, end: int, large: Any,
     pos += 8 * count
     if count > _MAX_FRAMES or pos > end:
         raise ValueError("frame table larger than the message")
+    lengths = _table(count).unpack_from(view, lengths_at)
+    if end - pos < COPY_BELOW and (split := _split(lengths)) is not None:  # (most messages)
+        if split.size != end - pos:
+            raise ValueError("inline frames do not fill the message")
+        return list(split.unpack_from(view, pos))
     frames: list[Any] = []
     shared: list[int] = []
     bulk = 0
-    lengths = _table(count).unpack_from(view, lengths_at)
-    # A small region is copied out once and its frames sliced from that (one
-    # allocation each, where a view's slice and its copy are two).
-    raw = view[pos:end].tobytes() if end - pos < COPY_BELOW else None
-    base = pos
     for n in lengths:
         flags = n & _FLAGS
         if flags == _INLINE:  # (most frames)
             n ^= _INLINE
             if pos + n > end:
                 raise ValueError("inline frame runs past the message")
-            if raw is not None:
-                frames.append(raw[pos - base : pos - base + n])
-            else:
-                frames.append(view[pos : pos + n].tobytes() if n < COPY_BELOW
-                              else view[pos : pos + n])
+            frames.append(view[pos : pos + n].tobytes() if n < COPY_BELOW
+                          else view[pos : pos + n])
             pos += n
         elif flags == _INLINE | _SHM:
             n ^= flags

@@ -70,7 +70,8 @@ class Node:
         The Future completes when every copy has stored the items.  Raises
         PeerLostError at once if ``host`` is known to be lost.
         """
-        self._check_open()
+        if self._closed is not None:  # (_check_open, inline: every put)
+            raise GroupShutdownError("the process group is shut down")
         if route:
             return self.client.put_multicast(ref, route, items, self.host)
         if host != self.rank:

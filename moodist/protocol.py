@@ -192,7 +192,10 @@ def _text(frame: Any, what: str, allow_empty: bool = False) -> str:
 
 
 _known_queues: dict[tuple[bytes, bytes], QueueRef] = {}  # decoded once: a queue's id and spec
-_known_puts: dict[bytes, tuple[QueueRef, tuple[int, ...]]] = {}  # decoded once: PUT heads
+# Decoded once: PUT head frames of one item (queue, route and manifest: the same
+# bytes for every put of one kind of item to one queue), as (queue, route, the
+# item's kind, its frame count).
+_known_puts: dict[bytes, tuple[QueueRef, tuple[int, ...], ItemKind, int]] = {}
 _put_prefixes: dict[tuple[QueueRef, tuple[int, ...]], bytes] = {}  # encoded once
 
 
@@ -295,6 +298,10 @@ def encode_put(req_id: int, ref: QueueRef, route: tuple[int, ...],
     prefix = _put_prefixes.get((ref, route))
     if prefix is None:
         prefix = _put_prefix(ref, route)
+    if len(items) == 1:  # (most puts: _manifest, inline)
+        item = items[0]
+        return [HEADER.pack(_PUT, req_id),
+                prefix + _MANIFEST_ONE.pack(1, item.kind, len(item.frames)), *item.frames]
     manifest, frames = _manifest(items)
     return [HEADER.pack(_PUT, req_id), prefix + manifest, *frames]
 
@@ -312,24 +319,38 @@ def _put_prefix(ref: QueueRef, route: tuple[int, ...]) -> bytes:
 
 def decode_put(msg: Message) -> tuple[QueueRef, list[int], list[Item]]:
     _expect(msg, 1)
-    raw = _bytes(msg.frames[0])
+    frames = msg.frames
+    raw = _bytes(frames[0])
+    known = _known_puts.get(raw)
+    if known is None:
+        ref, route, end = _decode_put_head(raw)
+        items = _decode_manifest(raw, end, frames, 1)
+        if len(items) == 1 and len(_known_puts) < 4096:  # (a bound: keys come from the wire)
+            _known_puts[raw] = ref, route, items[0].kind, len(items[0].frames)
+        return ref, list(route), items
+    ref, route, kind, nframes = known  # (the checks below are _decode_manifest's)
+    if nframes != len(frames) - 1:
+        raise ProtocolError("manifest promises more frames than sent" if nframes >= len(frames)
+                            else "frames left over after the last item")
+    item_frames = tuple(frames[1:])
+    for frame in item_frames:
+        if type(frame) is not bytes and isinstance(frame, LostFrame):
+            raise ProtocolError(f"a frame of this item was lost: {frame.reason}")
+    return ref, list(route), [Item(kind, item_frames)]
+
+
+def _decode_put_head(raw: bytes) -> tuple[QueueRef, tuple[int, ...], int]:
+    """A PUT head's queue and route, and where its manifest starts."""
     if len(raw) < _PUT_HEAD.size:
         raise ProtocolError("short PUT head")
     qid_len, spec_len, route_len = _PUT_HEAD.unpack_from(raw)
-    end = _PUT_HEAD.size + qid_len + spec_len + _ROUTE_ENTRY.size * route_len
+    qid_end = _PUT_HEAD.size + qid_len
+    spec_end = qid_end + spec_len
+    end = spec_end + _ROUTE_ENTRY.size * route_len
     if len(raw) < end:
         raise ProtocolError("PUT head shorter than its lengths")
-    key = raw[:end]
-    target = _known_puts.get(key)
-    if target is None:
-        qid_end = _PUT_HEAD.size + qid_len
-        spec_end = qid_end + spec_len
-        ref = _queue_ref(raw[_PUT_HEAD.size:qid_end], raw[qid_end:spec_end])
-        target = ref, tuple(r for (r,) in _ROUTE_ENTRY.iter_unpack(raw[spec_end:end]))
-        if len(_known_puts) < 4096:  # (a bound: keys come from the wire)
-            _known_puts[key] = target
-    ref, route = target
-    return ref, list(route), _decode_manifest(raw, end, msg.frames, 1)
+    ref = _queue_ref(raw[_PUT_HEAD.size:qid_end], raw[qid_end:spec_end])
+    return ref, tuple(r for (r,) in _ROUTE_ENTRY.iter_unpack(raw[spec_end:end])), end
 
 
 def encode_put_bounded(req_id: int, ref: QueueRef, maxsize: int, timeout: float | None,

@@ -492,25 +492,12 @@ class Transport:
         if peer is None or peer.error is not None:
             return 0
         awaited = awaited or on_done is not None
-        export = self._exporter(rank)
-        lane = self.bulk
-        small = True  # every frame is inline (only small puts are held back)
-        bulk: list[Any] | None = None  # frames for the bulk lane
-
-        def export_large(frame: Any, nbytes: int) -> bytes | None:
-            nonlocal small, bulk
-            small = False
-            if export is not None and (desc := export(frame, nbytes)) is not None:
-                return desc
-            if (lane is not None and nbytes >= lane.min_size and lane.usable(rank)
-                    and memoryview(frame).c_contiguous):
-                if bulk is None:
-                    bulk = []
-                bulk.append(frame)
-                return framing.BULK_FRAME
-            return None
-
-        body, large = encode_body(frames, export_large)
+        body = framing.encode_inline(frames)
+        if body is not None:  # (most messages)
+            large: Sequence[Any] = framing.NO_FRAMES
+            small, bulk = True, None  # (only small puts are held back)
+        else:
+            body, large, small, bulk = self._encode(rank, frames)
         with peer.lock:
             if self._closed or peer.error is not None:
                 return 0
@@ -532,13 +519,38 @@ class Transport:
                 control = framing.DATA if bulk is None else framing.BULK
                 self._post(peer, [framing.head(control, seq, ack) + body, *large])
                 if bulk is not None:
-                    lane.send(rank, seq, bulk)  # type: ignore[union-attr]
+                    self.bulk.send(rank, seq, bulk)  # type: ignore[union-attr]
         if not self._tick_armed and not self._tick_wanted:
             # The message loop arms the resync tick; wake it, as it may sleep with no
             # timer (this happens once per second at most while messages flow).
             self._tick_wanted = True
             self._wake()
         return seq
+
+    def _encode(self, rank: int, frames: Sequence[Any]
+                ) -> tuple[bytes, Sequence[Any], bool, list[Any] | None]:
+        """``(body, large frames, every frame inline, frames for the bulk lane
+        or None)`` of a message to ``rank``."""
+        export = self._exporter(rank)
+        lane = self.bulk
+        small = True
+        bulk: list[Any] | None = None
+
+        def export_large(frame: Any, nbytes: int) -> bytes | None:
+            nonlocal small, bulk
+            small = False
+            if export is not None and (desc := export(frame, nbytes)) is not None:
+                return desc
+            if (lane is not None and nbytes >= lane.min_size and lane.usable(rank)
+                    and memoryview(frame).c_contiguous):
+                if bulk is None:
+                    bulk = []
+                bulk.append(frame)
+                return framing.BULK_FRAME
+            return None
+
+        body, large = encode_body(frames, export_large)
+        return body, large, small, bulk
 
     def _flush(self, peer: _Peer) -> None:
         """(Under ``peer.lock``.)  Send the held messages, as one BATCH."""

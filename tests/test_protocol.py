@@ -124,3 +124,34 @@ def test_a_malformed_message_in_a_batch_is_yielded_as_an_error_and_the_rest_refu
     with_bad_count = packed[0][:framing.HEAD.size] + struct.pack("<I", 4) + packed[0][24:]
     with pytest.raises(ValueError):  # the batch's own table, before any message is handed out
         framing.decode_batch([zmq.Frame(with_bad_count)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=64),
+                          st.binary(min_size=framing.INLINE_MAX - 2,
+                                    max_size=framing.INLINE_MAX + 2)), max_size=5))
+def test_the_quick_encoding_of_small_frames_is_the_general_one(frames):
+    quick = framing.encode_inline(frames)
+    if any(len(f) >= framing.INLINE_MAX for f in frames):
+        assert quick is None
+    else:
+        assert quick == framing.encode_body(frames)[0]
+    assert framing.encode_inline([bytearray(b"x")]) is None  # only bytes take the quick way
+
+
+def test_a_put_head_decoded_before_is_still_checked_against_each_message():
+    from moodist.framing import LostFrame
+    from moodist.items import Item, ItemKind
+
+    ref = protocol.QueueRef("fresh-queue-for-this-test", "spec")
+    put = protocol.encode_put(5, ref, (), [Item(ItemKind.OBJECT, (b"pickle", b"buffer"))])
+    for _ in range(2):  # decoded in full, then from what was kept of its head
+        msg = protocol.parse(put)
+        got_ref, route, items = protocol.decode_put(msg)
+        assert (got_ref, route) == (ref, [])
+        assert [(i.kind, i.frames) for i in items] == [(ItemKind.OBJECT, (b"pickle", b"buffer"))]
+    head = put[:2]
+    for frames in ([*head, b"pickle"], [*head, b"pickle", b"buffer", b"extra"],
+                   [*head, b"pickle", LostFrame("segment gone")]):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_put(protocol.parse(frames))
