@@ -55,8 +55,22 @@ class Item:
         return f"Item({self.kind.name}, {len(self.frames)} frames)"
 
 
+# Tensors smaller than this are copied out to bytes at once (the transport copies
+# a frame this small into its message anyway): a few torch calls, where a view of
+# their bytes takes a dozen.  Only dtypes numpy can view (``tensor.numpy()``).
+_SMALL_TENSOR = 8192
+_NUMPY_DTYPES = frozenset((
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+))
+
+
 def tensor_item(tensor: torch.Tensor, snapshot: bool) -> Item:
     """Wrap ``tensor`` (already checked) as an item."""
+    if (tensor.nbytes < _SMALL_TENSOR and tensor.is_cpu and tensor.dtype in _NUMPY_DTYPES
+            and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()):
+        values = tensor.detach() if tensor.requires_grad else tensor
+        return Item(ItemKind.TENSOR, [serialize.tensor_meta(tensor), values.numpy().tobytes()])
     data = serialize.tensor_bytes(tensor)
     if snapshot and data.numel() and _aliases(data, tensor):
         data = data.clone()

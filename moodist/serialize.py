@@ -273,6 +273,8 @@ def loads(frames: Sequence[Any]) -> Any:
     if not frames:
         raise ValueError("an object needs at least one frame")
     head = frames[0]
+    if len(frames) == 1 and type(head) is bytes:  # (most small objects)
+        return pickle.loads(head)
     buffers = [_writable_view(b) for b in frames[1:]]
     return pickle.loads(_readable(head), buffers=buffers)
 

@@ -496,3 +496,37 @@ def test_each_threads_pickler_is_reused_safely():
     for t in threads:
         t.join()
     assert results == {k: True for k in range(4)}
+
+
+# ---------------------------------------------------------------------------- items
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_tensor_items_small_and_large_decode_to_their_tensors(snapshot):
+    from moodist import items
+
+    c = torch.complex(torch.randn(3), torch.randn(3))
+    cases = {
+        "small": torch.arange(6.0).reshape(2, 3),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "grad": torch.arange(4.0, requires_grad=True),
+        "bfloat16": torch.arange(5, dtype=torch.bfloat16),
+        "bool": torch.tensor([True, False, True]),
+        "conj": c.conj(),
+        "neg": c.conj().imag,
+        "strided": torch.arange(20)[::3],
+        "large": torch.arange(4096, dtype=torch.float32),  # 16 KiB: a view, not a copy
+    }
+    for name, t in cases.items():
+        item = items.tensor_item(t, snapshot)
+        copied = type(item.frames[1]) is bytes
+        assert copied == (name in ("small", "scalar", "empty", "grad", "bool")), name
+        expected = t.detach().resolve_conj().resolve_neg().clone()
+        if copied or snapshot:  # the item is its own: changing the tensor changes nothing
+            with torch.no_grad():
+                t.detach().resolve_conj().resolve_neg().view(-1)[:1] = 7
+        got = items.decode(item)
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        assert got.requires_grad == t.requires_grad, name
+        assert torch.equal(got.detach(), expected), name
