@@ -101,7 +101,9 @@ def test_large_frames_travel_on_the_bulk_lane_in_order_with_small_puts(cluster):
 def test_cut_bulk_connections_lose_and_duplicate_nothing(cluster):
     (_, sender), (got, receiver) = cluster.run(_stream, 2, 60, 5, timeout=120, group=False)
     assert got == _expected(60)  # every item once, in order
-    assert sender["connects"] > 5  # it connected again after the cuts
+    # It connected again after the cuts (how often depends on how far the puts ran
+    # ahead of the reconnects: a cut of a connection still being made does nothing).
+    assert sender["connects"] >= 2
     assert receiver["received"] == 60  # each frame taken once; resent copies dropped
 
 
