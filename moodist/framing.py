@@ -215,9 +215,9 @@ def _batch_messages(view: memoryview, pos: int, sizes: Sequence[int], large: Ite
             continue
         try:
             yield _decode_region(view, pos, pos + size, large, attach)
-        except ValueError as e:
-            failed = e
-            yield e
+        except Exception as e:  # (ValueError; anything else is a bug, refused the same)
+            failed = e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}")
+            yield failed
         pos += size
 
 
@@ -238,17 +238,25 @@ def _table(count: int) -> struct.Struct:
 
 # Small messages whose frames are all inline are cut by one unpack, with a struct
 # made once per frame table (puts of one kind to one queue mostly share a few).
+# Tables come from the wire: only short ones whose frames fit a small message are
+# kept, at most _SPLITS_MAX of them (then the cache starts again).
 _splits: dict[tuple[int, ...], struct.Struct | None] = {}
+_SPLIT_FRAMES_MAX = 16
+_SPLITS_MAX = 1024
 
 
 def _split(lengths: tuple[int, ...]) -> struct.Struct | None:
-    """The struct that cuts the frames of table ``lengths``, if all are inline."""
+    """The struct that cuts the frames of table ``lengths``, if every frame is
+    inline and they add up to less than ``COPY_BELOW`` bytes; else None."""
     split = _splits.get(lengths, False)
     if split is False:
         split = None
-        if all(n & _FLAGS == _INLINE for n in lengths):
+        if (len(lengths) <= _SPLIT_FRAMES_MAX and all(n & _FLAGS == _INLINE for n in lengths)
+                and sum(lengths) - len(lengths) * _INLINE < COPY_BELOW):
             split = struct.Struct("<" + "".join([f"{n ^ _INLINE}s" for n in lengths]))
-        if len(_splits) < 1024:  # (a bound: tables come from the wire)
+        if len(_splits) >= _SPLITS_MAX:
+            _splits.clear()
+        if len(lengths) <= _SPLIT_FRAMES_MAX:
             _splits[lengths] = split
     return split  # type: ignore[return-value]
 

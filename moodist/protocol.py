@@ -325,7 +325,8 @@ def decode_put(msg: Message) -> tuple[QueueRef, list[int], list[Item]]:
     if known is None:
         ref, route, end = _decode_put_head(raw)
         items = _decode_manifest(raw, end, frames, 1)
-        if len(items) == 1 and len(_known_puts) < 4096:  # (a bound: keys come from the wire)
+        # (A bound, as keys come from the wire: 4096 heads of at most 1 KiB.)
+        if len(items) == 1 and len(raw) <= 1024 and len(_known_puts) < 4096:
             _known_puts[raw] = ref, route, items[0].kind, len(items[0].frames)
         return ref, list(route), items
     ref, route, kind, nframes = known  # (the checks below are _decode_manifest's)
@@ -344,6 +345,8 @@ def _decode_put_head(raw: bytes) -> tuple[QueueRef, tuple[int, ...], int]:
     if len(raw) < _PUT_HEAD.size:
         raise ProtocolError("short PUT head")
     qid_len, spec_len, route_len = _PUT_HEAD.unpack_from(raw)
+    if route_len > MAX_ROUTE:
+        raise ProtocolError("PUT route too long")
     qid_end = _PUT_HEAD.size + qid_len
     spec_end = qid_end + spec_len
     end = spec_end + _ROUTE_ENTRY.size * route_len

@@ -155,3 +155,35 @@ def test_a_put_head_decoded_before_is_still_checked_against_each_message():
                    [*head, b"pickle", LostFrame("segment gone")]):
         with pytest.raises(protocol.ProtocolError):
             protocol.decode_put(protocol.parse(frames))
+
+
+def test_frame_tables_from_the_wire_are_refused_or_cut_but_never_kept_unbounded():
+    inline = 1 << 63
+    huge = struct.pack("<IQQ", 2, inline | (1 << 62), inline | (1 << 62)) + b"ab"
+    with pytest.raises(ValueError):  # (lengths past any struct: not a struct.error)
+        framing.decode_body([zmq.Frame(framing.head(framing.DATA, 1, 0) + huge)])
+    batch = framing.encode_batch(1, 0, [(huge, ()), framing.encode_body([b"after"])])
+    decoded = list(framing.decode_batch([zmq.Frame(bytes(memoryview(batch[0])))]))
+    assert [type(m) for m in decoded] == [ValueError, ValueError]
+    many = struct.pack(f"<I{1000}Q", 1000, *[inline] * 1000)  # 1000 empty frames
+    assert framing.decode_body([zmq.Frame(framing.head(framing.DATA, 1, 0) + many)]) == [b""] * 1000
+    for n in range(3 * framing._SPLITS_MAX):  # as many tables as frame sizes
+        body = framing.encode_body([b"x" * (n % 400), b"y" * (n // 400)])[0]
+        framing.decode_body([zmq.Frame(framing.head(framing.DATA, 1, 0) + body)])
+    assert len(framing._splits) <= framing._SPLITS_MAX
+    assert all(len(key) <= framing._SPLIT_FRAMES_MAX for key in framing._splits)
+
+
+def test_put_heads_from_the_wire_are_bounded():
+    from moodist.items import Item, ItemKind
+
+    item = Item(ItemKind.OBJECT, (b"pickle",))
+    long_route = struct.pack("<HHH", 1, 0, protocol.MAX_ROUTE + 1) + b"q"
+    long_route += b"\0" * 4 * (protocol.MAX_ROUTE + 1) + struct.pack("<IBI", 1, 2, 1)
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_put(protocol.parse([protocol.header(Kind.PUT, 1), long_route, b"p"]))
+    ref = protocol.QueueRef("q" * 2000, "")  # a legal, long queue id: decoded, not kept
+    put = protocol.encode_put(1, ref, (), [item])
+    before = len(protocol._known_puts)
+    assert protocol.decode_put(protocol.parse(put))[0] == ref
+    assert len(protocol._known_puts) == before
