@@ -298,7 +298,7 @@ def _file_store_group(ctx):
         got = _round_trip(ctx, g)
         name = g.moodist_name()
         ctx.barrier("done")
-    del store
+    del g, store  # (the group holds the store: both go before the file is removed)
     ctx.barrier("closed")
     if ctx.rank == 0:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
