@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 
 SCRIPT = Path(__file__).with_name("chaos_rank.py")
@@ -119,6 +120,8 @@ def _account(logdir: Path, produced: dict[int, int], killed: list[int], host: di
             "host_rss_mb": round(host["rss_mb"])}
 
 
+# (Each generation also starts and drains its ranks: a quarter more than its seconds.)
+@pytest.mark.timeout(SECONDS * 1.5 + 120)
 def test_consumers_killed_and_restarted_lose_and_duplicate_nothing(tmp_path):
     rng = random.Random(SEED)
     deadline = time.monotonic() + SECONDS
