@@ -38,7 +38,6 @@ class Future:
     __slots__ = ("peer", "_done", "_value", "_error", "_callbacks", "_event", "_leader")
 
     def __init__(self, peer: int = -1, leader: Leader | None = None) -> None:
-        # (ledger.Put sets these fields itself: keep the two alike)
         self.peer = peer  # the rank whose answer completes it (-1: none)
         self._leader = leader
         self._done = False

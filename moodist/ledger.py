@@ -41,14 +41,7 @@ class Put(Future):
     __slots__ = ("_ledger", "_seq", "_rid", "_watched")
 
     def __init__(self, ledger: PutLedger, leader: Leader, seq: int, rid: int) -> None:
-        # (Future.__init__, inline: one of these is made per put)
-        self.peer = ledger.rank
-        self._leader = leader
-        self._done = False
-        self._value = None
-        self._error = None
-        self._callbacks = None
-        self._event = None
+        super().__init__(ledger.rank, leader)
         self._ledger = ledger
         self._seq = seq
         self._rid = rid

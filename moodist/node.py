@@ -70,8 +70,7 @@ class Node:
         The Future completes when every copy has stored the items.  Raises
         PeerLostError at once if ``host`` is known to be lost.
         """
-        if self._closed is not None:  # (_check_open, inline: every put)
-            raise GroupShutdownError("the process group is shut down")
+        self._check_open()
         if route:
             return self.client.put_multicast(ref, route, items, self.host)
         if host != self.rank:
@@ -97,8 +96,7 @@ class Node:
         The item leaves the queue only if this returns it or ``decode`` raises
         ItemDecodeError (which carries its bytes); any other exception, an
         interruption included, puts it back at the head."""
-        if self._closed is not None:  # (_check_open, inline: every get)
-            raise GroupShutdownError("the process group is shut down")
+        self._check_open()
         if host != self.rank:
             return self.client.get(host, ref, kind, block, timeout, decode)
         storage = self.host._storage_for(self.rank, ref)

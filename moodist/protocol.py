@@ -277,17 +277,22 @@ def _decode_manifest(raw: bytes, at: int, frames: Sequence[Any], first: int) -> 
             raise ProtocolError(f"unknown item kind {code}")
         if nframes < 1 or (kind is ItemKind.TENSOR and nframes != 2):
             raise ProtocolError("wrong frame count for item")
-        if pos + nframes > len(frames):
-            raise ProtocolError("manifest promises more frames than sent")
-        item_frames = tuple(frames[pos : pos + nframes])  # (of bytes only: untracked by the GC)
-        for frame in item_frames:
-            if isinstance(frame, LostFrame):
-                raise ProtocolError(f"a frame of this item was lost: {frame.reason}")
-        items.append(Item(kind, item_frames))
+        items.append(_item(kind, frames, pos, nframes))
         pos += nframes
     if pos != len(frames):
         raise ProtocolError("frames left over after the last item")
     return items
+
+
+def _item(kind: ItemKind, frames: Sequence[Any], pos: int, nframes: int) -> Item:
+    """The item of ``frames[pos:pos + nframes]``, which must all have arrived."""
+    if pos + nframes > len(frames):
+        raise ProtocolError("manifest promises more frames than sent")
+    item_frames = tuple(frames[pos : pos + nframes])  # (of bytes only: untracked by the GC)
+    for frame in item_frames:
+        if type(frame) is not bytes and isinstance(frame, LostFrame):
+            raise ProtocolError(f"a frame of this item was lost: {frame.reason}")
+    return Item(kind, item_frames)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -298,10 +303,6 @@ def encode_put(req_id: int, ref: QueueRef, route: tuple[int, ...],
     prefix = _put_prefixes.get((ref, route))
     if prefix is None:
         prefix = _put_prefix(ref, route)
-    if len(items) == 1:  # (most puts: _manifest, inline)
-        item = items[0]
-        return [HEADER.pack(_PUT, req_id),
-                prefix + _MANIFEST_ONE.pack(1, item.kind, len(item.frames)), *item.frames]
     manifest, frames = _manifest(items)
     return [HEADER.pack(_PUT, req_id), prefix + manifest, *frames]
 
@@ -329,15 +330,11 @@ def decode_put(msg: Message) -> tuple[QueueRef, list[int], list[Item]]:
         if len(items) == 1 and len(raw) <= 1024 and len(_known_puts) < 4096:
             _known_puts[raw] = ref, route, items[0].kind, len(items[0].frames)
         return ref, list(route), items
-    ref, route, kind, nframes = known  # (the checks below are _decode_manifest's)
+    ref, route, kind, nframes = known
+    item = _item(kind, frames, 1, nframes)
     if nframes != len(frames) - 1:
-        raise ProtocolError("manifest promises more frames than sent" if nframes >= len(frames)
-                            else "frames left over after the last item")
-    item_frames = tuple(frames[1:])
-    for frame in item_frames:
-        if type(frame) is not bytes and isinstance(frame, LostFrame):
-            raise ProtocolError(f"a frame of this item was lost: {frame.reason}")
-    return ref, list(route), [Item(kind, item_frames)]
+        raise ProtocolError("frames left over after the last item")
+    return ref, list(route), [item]
 
 
 def _decode_put_head(raw: bytes) -> tuple[QueueRef, tuple[int, ...], int]:
