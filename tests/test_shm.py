@@ -606,6 +606,60 @@ def test_mappings_of_destroyed_or_oversized_segments_are_not_kept(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _count_looks(monkeypatch) -> list[int]:
+    """Count the sender's reads of segment headers (Link._reclaim's looks)."""
+    looks = [0]
+    state = shm._Segment.state
+
+    def counted(seg):
+        looks[0] += 1
+        return state(seg)
+
+    monkeypatch.setattr(shm._Segment, "state", counted)
+    return looks
+
+
+def test_a_sender_with_thousands_of_segments_lent_looks_at_a_bounded_number_per_copy(
+        tmp_path, monkeypatch):
+    # A queue that buffers many large items holds a segment for each: a copy that
+    # looked at every one for a released segment made filling the queue quadratic
+    # (1 ms per 1 MiB put with 2,000 in the queue).
+    a, b = _linked_pair(tmp_path)
+    a.min_size = 1
+    frame = memoryview(bytes(4096))  # capacity 4096: the least number of looks
+    try:
+        for _ in range(1500):  # lent, never attached: none is ever released
+            assert a.export(1, frame, frame.nbytes) is not None
+        looks = _count_looks(monkeypatch)
+        for _ in range(100):
+            assert a.export(1, frame, frame.nbytes) is not None
+        assert looks[0] <= 100 * shm._RECLAIM_LOOKS, looks
+        assert a.stats["created"] == 1600
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_segment_released_among_many_held_is_found_round_robin(tmp_path):
+    a, b = _linked_pair(tmp_path)
+    a.min_size = 1
+    frame = memoryview(bytes(4096))
+    try:
+        held = [b.attach(0, a.export(1, frame, frame.nbytes)) for _ in range(200)]
+        del held[120]  # one segment deep in the middle is released
+        created = a.stats["created"]
+        rounds = -(-200 // shm._RECLAIM_LOOKS) + 1
+        for _ in range(rounds):
+            held.append(b.attach(0, a.export(1, frame, frame.nbytes)))
+        assert a.stats["created"] == created + rounds - 1  # one copy reused it
+        assert all(bytes(x) == bytes(frame) for x in held[-rounds:])
+        del held
+    finally:
+        a.close()
+        b.close()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_forked_child_does_not_keep_its_parents_mappings(tmp_path):
     a, b = _linked_pair(tmp_path)
     try:
