@@ -122,13 +122,17 @@ def format_table(report: dict[str, Any]) -> str:
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, evaluated on this report's medians."""
-    return evaluate({r.label: r.values for r in table_rows(report["results"])})
+    return evaluate({r.label: r.values for r in table_rows(report["results"])},
+                    _window(report))
+
+
+def _window(report: dict[str, Any]) -> int:
+    return int(report["options"].get("window", DEFAULT_WINDOW))
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The table, then the targets block."""
-    window = report["options"].get("window", DEFAULT_WINDOW)
-    return format_table(report) + "\n\n" + format_targets(targets(report), window)
+    return format_table(report) + "\n\n" + format_targets(targets(report), _window(report))
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
