@@ -7,9 +7,12 @@ replies need no routing.
 
 Threads (leader/follower):
 
-* The message loop polls the ROUTER, the ZAP authentication socket, peer
-  monitors and a wake-up socket, hands each inbound message to
-  ``on_message(rank, frames)`` (which must not block) and runs timers.  One
+* The message loop polls the ROUTER, the ZAP authentication socket, a wake-up
+  socket and, behind one epoll descriptor, the sockets it reads rarely (a
+  monitor per peer, bulk-lane connections: see :class:`moodist.watch.ReadySet`),
+  so that a step costs the same with one peer or hundreds.  It hands each
+  inbound message to ``on_message(rank, frames)`` (which must not block) and
+  runs timers.  One
   thread at a time runs it: whoever holds the I/O lock.
 * A thread about to block until something arrives (a get, a put's
   acknowledgement: see :meth:`Transport.lead_until`) runs the loop itself while
@@ -105,7 +108,7 @@ from .channel import DUPLICATE, NEW, Inbox, OnDone, Outbox
 from .errors import PeerLeftError, PeerLostError
 from .framing import INLINE_MAX, decode_body, encode_body  # noqa: F401 - INLINE_MAX re-exported
 from .shm import Link
-from .watch import Watch
+from .watch import ReadySet, Watch
 
 log = logging.getLogger("moodist.transport")
 
@@ -300,12 +303,16 @@ class Transport:
         self._io_owner: int | None = None  # its thread's ident
         self._poller = zmq.Poller()  # the I/O lock holder's
         self._poller_version = -1
-        self._monitors: dict[zmq.Socket[Any], _Peer] = {}  # under _peers_lock
+        # Descriptors read rarely (peer monitors, bulk connections), by descriptor:
+        # the function that reads one (True: it may hold more); under _peers_lock.
+        # The loop polls them behind one descriptor (see ReadySet), else each.
+        self._rare: dict[int, Callable[[], bool]] = {}
+        self._ready_set = ReadySet.open()
         self._watch = Watch()  # where the I/O thread sleeps (a leader mutes it)
         for sock in (self._router, self._zap, self._wake_rx):
             self._watch.add(sock.FD)
         self._io_sleeps_until = 0.0  # (monotonic) when the I/O thread wakes by itself
-        self._sockets_version = 0  # bumped when a monitor is added
+        self._sockets_version = 0  # bumped when a rare descriptor comes or goes
         self._addresses: list[str] = []
         self._peers: dict[int, _Peer] = {}
         self._peers_lock = threading.Lock()
@@ -407,6 +414,8 @@ class Transport:
                 _call_all(callbacks, error)
             self._ctx.destroy()  # each socket lingers as set (the others: the context's 0)
             if owned:
+                if self._ready_set is not None:
+                    self._ready_set.close()  # (else it goes with the transport)
                 self._io_owner = None
                 self._io_lock.release()  # (a later leader sees closing and leaves at once)
             if not self._thread.is_alive():
@@ -625,11 +634,12 @@ class Transport:
                 zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             )
+            # Its descriptor tells of a new event only once a read found it empty:
+            # look now, before the first event can come (see _read_monitor).
+            monitor.getsockopt(zmq.EVENTS)
             sock.connect(self._addresses[rank])
             peer = _Peer(rank, sock, monitor)
-            self._monitors[monitor] = peer
-            self._sockets_version += 1
-            self._watch.add(monitor.FD)
+            self._add_rare(monitor.FD, lambda: self._read_monitor(peer))
             self._peers[rank] = peer
         self._wake()
         self._schedule_liveness_check(peer)
@@ -721,11 +731,27 @@ class Transport:
                 if self._closing:
                     return
 
-    def _sockets(self) -> tuple[int, list[zmq.Socket[Any]]]:
-        """Every socket the loop polls, and the version of that list."""
+    def _sockets(self) -> tuple[int, list[Any]]:
+        """Every socket (or descriptor) the loop polls, and the version of that list."""
         with self._peers_lock:
-            return self._sockets_version, [self._router, self._zap, self._wake_rx,
-                                           *self._monitors, *self._bulk_in]  # (+ fds)
+            rare = list(self._rare) if self._ready_set is None else [self._ready_set.fileno()]
+            return self._sockets_version, [self._router, self._zap, self._wake_rx, *rare]
+
+    def _add_rare(self, fd: int, read: Callable[[], bool]) -> None:
+        """(Under _peers_lock.)  Read ``fd`` with ``read`` when it is readable."""
+        self._rare[fd] = read
+        self._sockets_version += 1
+        if self._ready_set is not None:
+            self._ready_set.add(fd)
+        self._watch.add(fd)
+
+    def _remove_rare(self, fd: int) -> None:
+        """(Under _peers_lock, before ``fd`` is closed.)"""
+        del self._rare[fd]
+        self._sockets_version += 1
+        if self._ready_set is not None:
+            self._ready_set.remove(fd)
+        self._watch.remove(fd)
 
     def _io_step(self, timeout_ms: int, hold_interrupts: bool = False) -> bool:
         """(Holder of the I/O lock.)  Wait up to ``timeout_ms`` (-1: until
@@ -752,13 +778,14 @@ class Transport:
             return more
         if self._zap in events:
             more |= self._drain(self._zap, self._answer_zap)
-        for sock in events:
-            peer = self._monitors.get(sock)
-            if peer is not None:
-                more |= self._drain(
-                    sock, lambda frames, p=peer: self._on_monitor_event(p, frames))
-            elif type(sock) is int and (inbound := self._bulk_in.get(sock)) is not None:
-                more |= self._read_bulk(inbound)
+        if self._ready_set is None:
+            rare = [fd for fd in events if type(fd) is int]
+        else:
+            rare = self._ready_set.ready() if self._ready_set.fileno() in events else []
+        for fd in rare:
+            read = self._rare.get(fd)
+            if read is not None:
+                more |= read()
         if self._router in events:
             more |= self._drain_router()
         self._run_timers()
@@ -1061,16 +1088,14 @@ class Transport:
                 inbound.close()
                 return
             self._bulk_in[inbound.fileno()] = inbound
-            self._sockets_version += 1
-            self._watch.add(inbound.fileno())
+            self._add_rare(inbound.fileno(), lambda: self._read_bulk(inbound))
         self._wake()
 
     def _drop_bulk(self, inbound: Inbound) -> None:
         with self._peers_lock:
             if self._bulk_in.get(inbound.fd) is inbound:
                 del self._bulk_in[inbound.fd]
-                self._sockets_version += 1
-                self._watch.remove(inbound.fd)
+                self._remove_rare(inbound.fd)
         inbound.close()
 
     def _read_bulk(self, inbound: Inbound) -> bool:
@@ -1232,6 +1257,16 @@ class Transport:
             version, request_id, b"200" if ok else b"400",
             b"OK" if ok else b"not a member of this group", user if ok else b"", b"",
         ])
+
+    def _read_monitor(self, peer: _Peer) -> bool:
+        """(Message loop.)  Every event ``peer``'s monitor holds: read until it
+        is empty, as its descriptor tells only of new ones."""
+        while True:
+            try:
+                frames = peer.monitor.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            self._on_monitor_event(peer, frames)
 
     def _on_monitor_event(self, peer: _Peer, frames: list[zmq.Frame]) -> None:
         event = parse_monitor_message([f.bytes for f in frames])["event"]
