@@ -276,6 +276,7 @@ class Transport:
         self.peer_timeout = (
             _env_float("MOODIST_PEER_TIMEOUT", 5.0) if peer_timeout is None else peer_timeout
         )
+        _make_room_for_descriptors(size)
         self._ctx = zmq.Context(io_threads=1)
         self._ctx.linger = 0
         self._ctx.ipv6 = True  # sockets take IPv6 addresses too (and IPv4 ones as before)
@@ -1341,6 +1342,39 @@ def _last_posted(peer: _Peer) -> int:
 
 def _ignore(_frames: list[Any]) -> None:
     pass
+
+
+# Descriptors a rank may hold per peer it talks to: its DEALER's and its monitor's
+# (2) mailboxes, the TCP connections both ways, and the bulk lane's.
+_FDS_PER_PEER = 7
+_FDS_BASE = 256  # the rank's own: torch, the store, /dev/shm, the application's
+
+
+def _make_room_for_descriptors(size: int) -> None:
+    """Raise this process's soft limit on open files, within its hard limit, to
+    what talking to every rank of a group of ``size`` may take (a common soft
+    limit of 1024 runs out at about 150 peers, and zmq then fails in whatever
+    call made the socket).  Untouched when already enough; a warning when the
+    hard limit is too low."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    want = _FDS_BASE + _FDS_PER_PEER * size
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    room = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if room > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (room, hard))
+            log.debug("moodist: open files limit raised from %d to %d", soft, room)
+        except (ValueError, OSError):
+            room = soft
+    if room < want:
+        log.warning("moodist: this process may open only %d files, and a rank of a group of "
+                    "%d may need %d to talk to every other (raise `ulimit -n`)",
+                    room, size, want)
 
 
 def _ms_until(deadline: float) -> int:

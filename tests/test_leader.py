@@ -255,6 +255,42 @@ def test_without_epoll_the_loop_polls_each_monitor_and_still_hears_them(monkeypa
         b.close()
 
 
+def test_a_large_group_raises_the_open_files_limit_within_the_hard_one():
+    """A rank holds about 7 descriptors per peer: with the common soft limit of
+    1024 a rank talking to 150+ peers ran out (zmq failed in whatever call made
+    a socket)."""
+    import resource
+
+    from moodist import transport
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = transport._FDS_BASE + transport._FDS_PER_PEER * 300
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard limit on open files here is {hard}")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        transport._make_room_for_descriptors(16)  # enough already: untouched
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (1024, hard)
+        transport._make_room_for_descriptors(300)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (need, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_hard_limit_too_low_for_the_group_is_said(monkeypatch, caplog):
+    import resource
+
+    from moodist import transport
+
+    limits = [(1024, 1500)]
+    monkeypatch.setattr(resource, "getrlimit", lambda what: limits[-1])
+    monkeypatch.setattr(resource, "setrlimit", lambda what, value: limits.append(value))
+    with caplog.at_level("WARNING", logger="moodist.transport"):
+        transport._make_room_for_descriptors(1000)
+    assert limits[-1] == (1500, 1500)  # as far as the hard limit lets it
+    assert "may open only 1500 files" in caplog.text and "ulimit -n" in caplog.text
+
+
 # ---------------------------------------------------------------------------- in ranks
 
 
