@@ -104,7 +104,7 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # cores); smaller ones one thread, as the pool's spinning barriers make a
 # stream of 1 MiB copies crawl when the cores are oversubscribed.
 _THREADED_COPY = 16 << 20
-# Lent segments a copy that finds no free one looks at (per receiving rank), at
+# Held segments a copy that finds no free one looks at (per receiving rank), at
 # least; 32 more per MiB of the segment (see Link._reclaim).
 _RECLAIM_LOOKS = 16
 
@@ -301,18 +301,24 @@ class Link:
 
     def _reclaim(self, capacity: int) -> None:
         """(Under the lock.)  Take back the segments whose receivers are done,
-        looking at a bounded number of those lent to each rank, round robin
-        (a rank may hold thousands of received tensors: looking at all of them
-        before each copy made filling a queue quadratic); destroy those beyond
-        the pool's size.  The bound grows with ``capacity``, as a look (a
-        read of the header) is cheap next to creating a segment when none is
-        found (about 0.5 ms per MiB here)."""
+        looking at a bounded number of those still held by each rank, round
+        robin (a rank may hold thousands of received tensors: looking at all
+        of them before each copy made filling a queue quadratic); destroy
+        those beyond the pool's size.  Every released segment met is taken,
+        so that a queue drained at once leaves no more than the pool behind.
+        The bound grows with ``capacity``, as a look (a read of the header)
+        is cheap next to creating a segment when none is found (about 0.5 ms
+        per MiB here)."""
         budget = _RECLAIM_LOOKS + (capacity >> 15)
         for lent in self._lent.values():
-            for _ in range(min(budget, len(lent))):
+            held = 0  # (only looks at held segments count: each released one goes once)
+            for _ in range(len(lent)):
+                if held >= budget:
+                    break
                 seg = lent.popleft()
                 if seg.state() != RELEASED:
                     lent.append(seg)
+                    held += 1
                 elif self._free_bytes + seg.size > self._pool_bytes:
                     seg.destroy()
                 else:

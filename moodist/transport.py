@@ -1267,7 +1267,11 @@ class Transport:
                 frames = peer.monitor.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
-            self._on_monitor_event(peer, frames)
+            try:  # (read on to zmq.Again whatever happens, as said above)
+                self._on_monitor_event(peer, frames)
+            except Exception:
+                log.exception("moodist: handling a connection event of rank %d failed",
+                              peer.rank)
 
     def _on_monitor_event(self, peer: _Peer, frames: list[zmq.Frame]) -> None:
         event = parse_monitor_message([f.bytes for f in frames])["event"]

@@ -240,6 +240,33 @@ def test_a_rank_connected_to_many_peers_polls_the_same_few_descriptors():
         b.close()
 
 
+def test_a_connection_event_whose_handling_fails_does_not_deafen_the_monitor(caplog):
+    """A monitor's descriptor tells of new events only once a read found it
+    empty: a failure in one event's handling must not stop the reading, or
+    that peer's later events (its connection made, or lost) are never seen."""
+    from moodist.transport import Transport
+
+    failed: list[int] = []
+    handle = Transport._on_monitor_event
+
+    def first_fails(self, peer, frames):
+        if not failed:
+            failed.append(peer.rank)
+            raise RuntimeError("a bug in a handler")
+        handle(self, peer, frames)
+
+    a, b = _transport_among_strangers(2)
+    try:
+        a._on_monitor_event = first_fails.__get__(a)
+        with caplog.at_level("ERROR", logger="moodist.transport"):
+            _hears_its_peer(a, b, 2)
+        assert failed == [1]
+        assert "handling a connection event of rank 1 failed" in caplog.text
+    finally:
+        a.close()
+        b.close()
+
+
 def test_without_epoll_the_loop_polls_each_monitor_and_still_hears_them(monkeypatch):
     import select
 

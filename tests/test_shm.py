@@ -660,6 +660,30 @@ def test_a_segment_released_among_many_held_is_found_round_robin(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_queue_drained_at_once_leaves_no_more_than_the_pool_behind(tmp_path):
+    # Released segments beyond the pool's size are destroyed when a copy takes
+    # segments back: all of them, however many were lent (a bounded look that
+    # stopped at the first few left 1.5 GiB in /dev/shm after draining 1,500
+    # 1 MiB items, against a pool of 256 MiB).
+    a = shm.Link(directory=str(tmp_path), pool_bytes=8 * (4096 + shm.HEADER_SIZE))
+    b = shm.Link(directory=str(tmp_path))
+    a.connect(0, [None, b.offer()])
+    b.connect(1, [a.offer(), None])
+    a.min_size = 1
+    frame = memoryview(bytes(4096))
+    try:
+        held = [b.attach(0, a.export(1, frame, frame.nbytes)) for _ in range(300)]
+        del held  # the consumer took them all and dropped them
+        assert a.export(1, frame, frame.nbytes) is not None
+        segments = [f for f in os.listdir(tmp_path) if not f.endswith(".probe")]
+        assert len(segments) <= 8 + 1, len(segments)
+        assert a._free_bytes <= a._pool_bytes
+    finally:
+        a.close()
+        b.close()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_forked_child_does_not_keep_its_parents_mappings(tmp_path):
     a, b = _linked_pair(tmp_path)
     try:
