@@ -12,8 +12,7 @@ Threads (leader/follower):
   monitor per peer, bulk-lane connections: see :class:`moodist.watch.ReadySet`),
   so that a step costs the same with one peer or hundreds.  It hands each
   inbound message to ``on_message(rank, frames)`` (which must not block) and
-  runs timers.  One
-  thread at a time runs it: whoever holds the I/O lock.
+  runs timers.  One thread at a time runs it: whoever holds the I/O lock.
 * A thread about to block until something arrives (a get, a put's
   acknowledgement: see :meth:`Transport.lead_until`) runs the loop itself while
   it waits, if nobody else does: a message then wakes the thread that wants
@@ -1357,7 +1356,7 @@ _FDS_BASE = 256  # the rank's own: torch, the store, /dev/shm, the application's
 def _make_room_for_descriptors(size: int) -> None:
     """Raise this process's soft limit on open files, within its hard limit, to
     what talking to every rank of a group of ``size`` may take (a common soft
-    limit of 1024 runs out at about 150 peers, and zmq then fails in whatever
+    limit of 1024 runs out at 110-300 peers, and zmq then fails in whatever
     call made the socket).  Untouched when already enough; a warning when the
     hard limit is too low."""
     try:

@@ -283,9 +283,9 @@ def test_without_epoll_the_loop_polls_each_monitor_and_still_hears_them(monkeypa
 
 
 def test_a_large_group_raises_the_open_files_limit_within_the_hard_one():
-    """A rank holds about 7 descriptors per peer: with the common soft limit of
-    1024 a rank talking to 150+ peers ran out (zmq failed in whatever call made
-    a socket)."""
+    """A rank holds 3 descriptors per peer it has not reached yet and up to 7 per
+    peer it talks to: with the common soft limit of 1024 a rank talking to a few
+    hundred peers ran out (zmq failed in whatever call made a socket)."""
     import resource
 
     from moodist import transport
