@@ -196,22 +196,6 @@ def test_the_watch_without_epoll_wakes_on_its_alarm_and_new_descriptors(monkeypa
         os.close(w)
 
 
-def _transport_among_strangers(size: int):
-    """Ranks 0 and 1 started in this process; ranks 2.. of the group are
-    addresses where nobody listens (their connections keep failing)."""
-    from moodist.transport import Transport
-
-    a = Transport(0, size, b"k" * 32, "127.0.0.1", lambda r, f: True, lambda r, e: None,
-                  peer_timeout=30.0)
-    b = Transport(1, size, b"k" * 32, "127.0.0.1", lambda r, f: True, lambda r, e: None,
-                  peer_timeout=30.0)
-    addresses = [a.address, b.address] + ["tcp://127.0.0.1:9"] * (size - 2)
-    offers = [a.auth.offer(), b.auth.offer()] + [{"nonce": "x"}] * (size - 2)
-    a.start(addresses, offers)
-    b.start(addresses, offers)
-    return a, b
-
-
 def _hears_its_peer(a, b, peers: int) -> None:
     for rank in range(2, peers):
         a.ensure_connected(rank)
@@ -229,7 +213,7 @@ def test_a_rank_connected_to_many_peers_polls_the_same_few_descriptors():
     descriptor: zmq's poll costs ~0.35 us per socket, so a monitor per peer in
     it cost a rank talking to 256 peers ~90 us per step of its message loop."""
     pytest.importorskip("select").epoll  # noqa: B018 - Linux only
-    a, b = _transport_among_strangers(66)
+    a, b = _transport_pair(size=66)
     try:
         _hears_its_peer(a, b, 66)
         _, polled = a._sockets()
@@ -255,7 +239,7 @@ def test_a_connection_event_whose_handling_fails_does_not_deafen_the_monitor(cap
             raise RuntimeError("a bug in a handler")
         handle(self, peer, frames)
 
-    a, b = _transport_among_strangers(2)
+    a, b = _transport_pair()
     try:
         a._on_monitor_event = first_fails.__get__(a)
         with caplog.at_level("ERROR", logger="moodist.transport"):
@@ -271,7 +255,7 @@ def test_without_epoll_the_loop_polls_each_monitor_and_still_hears_them(monkeypa
     import select
 
     monkeypatch.delattr(select, "epoll", raising=False)  # as on macOS
-    a, b = _transport_among_strangers(6)
+    a, b = _transport_pair(size=6)
     try:
         assert a._ready_set is None
         _hears_its_peer(a, b, 6)

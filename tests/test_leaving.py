@@ -150,17 +150,19 @@ def test_a_shutdown_waits_no_linger_for_a_peer_already_gone():
         b.close()
 
 
-def _transport_pair(on_message_a=lambda r, f: False):
+def _transport_pair(on_message_a=lambda r, f: False, size: int = 2):
     """Two started transports, ranks 0 and 1, in this process; ``a`` handles
     messages with ``on_message_a`` (False: it does not acknowledge them promptly,
-    as for a reply)."""
+    as for a reply).  Ranks 2.. of a larger group are addresses where nobody
+    listens (connections to them keep failing)."""
     from moodist.transport import Transport
 
-    a = Transport(0, 2, b"k" * 32, "127.0.0.1", on_message_a, lambda r, e: None,
+    a = Transport(0, size, b"k" * 32, "127.0.0.1", on_message_a, lambda r, e: None,
                   peer_timeout=30.0)
-    b = Transport(1, 2, b"k" * 32, "127.0.0.1", lambda r, f: True, lambda r, e: None,
+    b = Transport(1, size, b"k" * 32, "127.0.0.1", lambda r, f: True, lambda r, e: None,
                   peer_timeout=30.0)
-    addresses, offers = [a.address, b.address], [a.auth.offer(), b.auth.offer()]
+    addresses = [a.address, b.address] + ["tcp://127.0.0.1:9"] * (size - 2)
+    offers = [a.auth.offer(), b.auth.offer()] + [{"nonce": "x"}] * (size - 2)
     a.start(addresses, offers)
     b.start(addresses, offers)
     return a, b
